@@ -1,0 +1,116 @@
+"""Model families, one small file each, and the strict checkpoint loader.
+
+A family module provides ``ModelArgs`` (its config keys), ``Model`` (export-friendly
+PyTorch), ``SHIFT_LOGITS``, ``parameter_counts(args)``, ``tiny_config(vocab, special)`` and
+optionally ``sanitize(weights, args)``. Modules are imported only when needed so that
+``import dllm_export`` stays light and torch-free.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from dllm_export.errors import DllmExportError
+
+FAMILIES = {"llada": "llada", "llada-moe": "llada_moe", "dream": "dream"}
+
+
+def family_module(family: str):
+    if family not in FAMILIES:
+        raise DllmExportError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    return importlib.import_module(f"dllm_export.models.{FAMILIES[family]}")
+
+
+def model_args(checkpoint):
+    """The family's config dataclass built from the checkpoint's config.json."""
+    return family_module(checkpoint.family).ModelArgs.from_dict(checkpoint.config)
+
+
+def _assign(model, name: str, tensor):
+    module_path, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_path) if module_path else model
+    if leaf in module._parameters:
+        import torch
+
+        module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def load_model(directory: str | Path, dtype=None, progress=None):
+    """Load a checkpoint into the family's ``Model`` with one copy of the weights.
+
+    The model is built on the meta device; each tensor is read from its shard, checked
+    against the expected shape, cast to ``dtype`` (default: float32) and assigned in place.
+    Every parameter must be filled and every tensor used, or the load fails naming the first
+    offending key and its shard.
+
+    Returns (model, checkpoint).
+    """
+    import torch
+    from safetensors import safe_open
+
+    from dllm_export.checkpoint import open_checkpoint
+
+    checkpoint = open_checkpoint(directory)
+    module = family_module(checkpoint.family)
+    args = module.ModelArgs.from_dict(checkpoint.config)
+    dtype = dtype or torch.float32
+    with torch.device("meta"):
+        model = module.Model(args)
+    expected = dict(model.named_parameters())
+    expected.update(dict(model.named_buffers()))
+    weight_map = dict(checkpoint.weight_map)
+    extra = {}
+    if hasattr(module, "sanitize"):
+        extra = module.sanitize({name: None for name in weight_map}, args)
+        extra = {k: v for k, v in extra.items() if v is not None}
+    for name in sorted(weight_map):
+        if name not in expected:
+            raise DllmExportError(
+                f"{checkpoint.directory / weight_map[name]}: unexpected tensor '{name}' "
+                f"for family {checkpoint.family}; is config.json from the same model?"
+            )
+    for name in expected:
+        if name not in weight_map and name not in extra:
+            raise DllmExportError(
+                f"{checkpoint.directory}: tensor '{name}' is missing from the checkpoint"
+            )
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(name)
+    for shard, names in sorted(by_shard.items()):
+        path = checkpoint.directory / shard
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as err:  # safetensors raises its own error types
+            raise DllmExportError(f"{path}: cannot be opened as safetensors ({err})") from None
+        with handle:
+            available = set(handle.keys())
+            for name in names:
+                if name not in available:
+                    raise DllmExportError(f"{path}: tensor '{name}' named in the index is absent")
+                tensor = handle.get_tensor(name)
+                want = tuple(expected[name].shape)
+                if tuple(tensor.shape) != want:
+                    raise DllmExportError(
+                        f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, expected "
+                        f"{want} from config.json"
+                    )
+                _assign(model, name, tensor.to(dtype))
+                del tensor
+                if progress is not None:
+                    progress(name)
+    for name, tensor in extra.items():
+        _assign(model, name, tensor.to(dtype))
+    model.eval()
+    return model, checkpoint
+
+
+def set_moe_strategy(model, strategy: str, block: int | None = None) -> None:
+    """Choose how MoE layers run (see models/moe.py); a no-op for dense families."""
+    from dllm_export.models.moe import DEFAULT_BLOCK
+
+    for block_module in getattr(model, "moe_blocks", lambda: [])():
+        block_module.set_strategy(strategy, block or DEFAULT_BLOCK)

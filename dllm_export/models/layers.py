@@ -1,0 +1,97 @@
+"""Numerics the families share: RMSNorm, rotary embeddings, bidirectional attention.
+
+Each function is written so that ``torch.onnx.export(dynamo=True)`` sees fixed shapes and
+plain ops (no data-dependent shapes), and so that eager PyTorch matches the original
+modeling code within float tolerance.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back, as LLaDA, OLMoE and Qwen2 all do."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float):
+    """cos/sin tables of shape [B, 1, L, rotary_dim] (float32) for integer positions [B, L]."""
+    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=positions.device)
+    inv_freq = 1.0 / (theta ** (exponent / rotary_dim))
+    freqs = positions.float()[..., None] * inv_freq  # [B, L, rotary_dim / 2]
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos, sin, full_precision: bool) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` channels of each head (partial RoPE when smaller).
+
+    ``full_precision`` computes in float32 like LLaDA's ``rope_full_precision``; otherwise the
+    tables are cast to the activation dtype like the transformers models do.
+    """
+    rotary_dim = cos.shape[-1]
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    if full_precision:
+        out = (rot.float() * cos + rotate_half(rot.float()) * sin).to(x.dtype)
+    else:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        out = rot * cos + rotate_half(rot) * sin
+    if rest.shape[-1] == 0:
+        return out
+    return torch.cat((out, rest), dim=-1)
+
+
+def padding_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype):
+    """Additive key-padding bias [B, 1, 1, L]: padded keys are hidden from every query.
+
+    Padded queries still attend to real keys, so no row is all -inf (which would give NaN
+    that later layers spread through the values).
+    """
+    if attention_mask is None:
+        return None
+    keep = attention_mask.to(torch.bool)[:, None, None, :]
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return torch.where(keep, zero, torch.finfo(dtype).min)
+
+
+def attention(q, k, v, bias):
+    """Bidirectional scaled dot-product attention with grouped key/value heads.
+
+    q: [B, H, L, Dh]; k, v: [B, Hkv, L, Dh]; bias: [B, 1, 1, L] or None. Returns [B, L, H*Dh].
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=False)
+    batch, heads, length, head_dim = out.shape
+    return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, L, H*Dh] -> [B, H, L, Dh]"""
+    batch, length, width = x.shape
+    return x.view(batch, length, heads, width // heads).transpose(1, 2)
+
+
+def default_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """Absolute positions 0..L-1 broadcast over the batch."""
+    return torch.arange(input_ids.shape[1], device=input_ids.device)[None, :].expand_as(input_ids)

@@ -1,0 +1,190 @@
+"""Mixture-of-Experts pieces: routers and interchangeable ways to run the experts.
+
+Every strategy computes the same function (to float tolerance) and differs in the graph it
+exports:
+
+* ``eager``: the reference formulation, a loop over the experts that were hit with
+  ``index_add_``. Fast in PyTorch, but data-dependent: it cannot be exported.
+* ``dense``: every expert on every token, weighted by the sparse top-k gate. Plain 2-D
+  MatMuls per expert, so the quantisers see ordinary weights. Costs E/k times the FLOPs.
+* ``sparse``: token-expert pairs are grouped by expert into fixed-size blocks and one batched
+  MatMul runs over the blocks. Lossless (no capacity, no dropped tokens) and static-shaped:
+  no NonZero, no scatter-add; slots are unique so ScatterND runs with reduction 'none'.
+* ``ort``: ONNX Runtime's fused ``com.microsoft::MoE`` contrib op (interleaved SwiGLU).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dllm_export.errors import DllmExportError
+
+STRATEGIES = ("eager", "dense", "sparse", "ort")
+DEFAULT_BLOCK = 16
+
+
+def softmax_topk(router_logits, k: int, renormalize: bool = False, bias=None,
+                 bias_in_weights: bool = True):
+    """Softmax over all experts in float32, then top-k.
+
+    ``bias`` (e.g. LLaDA-MoE's ``expert_bias``) is added to the probabilities before the
+    top-k; ``bias_in_weights=False`` makes it a selection-only bias (DeepSeek-V3 style).
+    Returns (weights [T, k] float32, expert ids [T, k] int64).
+    """
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    scores = probs if bias is None else probs + bias.float()
+    top_scores, expert_ids = torch.topk(scores, k, dim=-1)
+    weights = top_scores if (bias is None or bias_in_weights) else probs.gather(-1, expert_ids)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, expert_ids
+
+
+class SwiGLUExpert(nn.Module):
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def run_eager(x, experts, weights, expert_ids):
+    out = torch.zeros_like(x)
+    for index, expert in enumerate(experts):
+        token, slot = torch.where(expert_ids == index)
+        if token.numel():
+            contribution = expert(x[token]) * weights[token, slot, None].to(x.dtype)
+            out.index_add_(0, token, contribution)
+    return out
+
+
+def run_dense(x, experts, weights, expert_ids):
+    num_experts = len(experts)
+    chosen = expert_ids[..., None] == torch.arange(num_experts, device=x.device)
+    gate = (chosen.to(weights.dtype) * weights[..., None]).sum(dim=1).to(x.dtype)  # [T, E]
+    out = torch.zeros_like(x)
+    for index, expert in enumerate(experts):
+        out = out + expert(x) * gate[:, index : index + 1]
+    return out
+
+
+def run_sparse(x, fc1, fc2, weights, expert_ids, block: int):
+    """Group (token, expert) pairs by expert into ``block``-row blocks; one bmm per matrix.
+
+    fc1: [E, 2I, D] with gate/up rows interleaved; fc2: [E, D, I].
+    """
+    tokens, hidden = x.shape
+    top_k = expert_ids.shape[1]
+    num_experts = fc1.shape[0]
+    pairs = tokens * top_k
+    # Worst case: every expert's segment wastes block-1 rows of padding.
+    num_blocks = math.ceil((pairs + num_experts * (block - 1)) / block)
+    flat_expert = expert_ids.reshape(pairs)
+    onehot = (flat_expert[:, None] == torch.arange(num_experts, device=x.device)).long()
+    rank = ((onehot.cumsum(dim=0) - 1) * onehot).sum(dim=1)  # position within its expert
+    padded = (onehot.sum(dim=0) + block - 1) // block * block
+    seg_end = padded.cumsum(dim=0)
+    slot = (seg_end - padded)[flat_expert] + rank  # unique destination row of each pair
+    token_of_pair = torch.arange(pairs, device=x.device) // top_k
+    rows = torch.zeros(num_blocks * block, hidden, dtype=x.dtype, device=x.device)
+    rows = rows.index_put((slot,), x[token_of_pair])
+    block_start = torch.arange(num_blocks, device=x.device) * block
+    block_expert = (block_start[:, None] >= seg_end[None, :]).sum(dim=1).clamp(max=num_experts - 1)
+    xb = rows.view(num_blocks, block, hidden)
+    h = torch.bmm(xb, fc1[block_expert].transpose(1, 2))  # [nb, block, 2I]
+    h = F.silu(h[..., 0::2]) * h[..., 1::2]
+    yb = torch.bmm(h, fc2[block_expert].transpose(1, 2))  # [nb, block, D]
+    y = yb.reshape(num_blocks * block, hidden)[slot].view(tokens, top_k, hidden)
+    return (y * weights[..., None].to(x.dtype)).sum(dim=1)
+
+
+@torch.library.custom_op("dllm_export::moe_swiglu", mutates_args=())
+def moe_swiglu(x: torch.Tensor, router_logits: torch.Tensor, fc1: torch.Tensor,
+               fc2: torch.Tensor, top_k: int, normalize: bool) -> torch.Tensor:
+    """Softmax top-k routing plus interleaved-SwiGLU experts in one op.
+
+    Exported as ``com.microsoft::MoE`` (see export/onnx_moe.py); this eager body is the
+    reference ONNX Runtime's kernel is checked against.
+    """
+    weights, expert_ids = softmax_topk(router_logits, top_k, renormalize=normalize)
+    return run_sparse(x, fc1, fc2, weights, expert_ids, DEFAULT_BLOCK)
+
+
+@moe_swiglu.register_fake
+def _(x, router_logits, fc1, fc2, top_k, normalize):
+    return torch.empty_like(x)
+
+
+class SparseMoeBlock(nn.Module):
+    """Router (``gate``) plus ``experts.{j}.{gate,up,down}_proj``: LLaDA-MoE / OLMoE names."""
+
+    def __init__(self, hidden: int, inner: int, num_experts: int, top_k: int,
+                 renormalize: bool, expert_bias: bool):
+        super().__init__()
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert(hidden, inner) for _ in range(num_experts))
+        if expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(num_experts))
+        else:
+            self.expert_bias = None
+        self.strategy = "eager"
+        self.block = DEFAULT_BLOCK
+        self.fc1 = self.fc2 = None  # packed views, built by pack()
+
+    def pack(self):
+        """Stack expert weights into fc1 [E, 2I, D] (gate/up interleaved) and fc2 [E, D, I],
+        and re-point each expert's parameters at views of them, so one copy is held."""
+        first = self.experts[0]
+        num_experts = len(self.experts)
+        inner, hidden = first.gate_proj.weight.shape
+        dtype, device = first.gate_proj.weight.dtype, first.gate_proj.weight.device
+        fc1 = torch.empty(num_experts, 2 * inner, hidden, dtype=dtype, device=device)
+        fc2 = torch.empty(num_experts, hidden, inner, dtype=dtype, device=device)
+        with torch.no_grad():
+            for index, expert in enumerate(self.experts):
+                fc1[index, 0::2] = expert.gate_proj.weight
+                fc1[index, 1::2] = expert.up_proj.weight
+                fc2[index] = expert.down_proj.weight
+                expert.gate_proj.weight = nn.Parameter(fc1[index, 0::2], requires_grad=False)
+                expert.up_proj.weight = nn.Parameter(fc1[index, 1::2], requires_grad=False)
+                expert.down_proj.weight = nn.Parameter(fc2[index], requires_grad=False)
+        self.fc1, self.fc2 = fc1, fc2
+
+    def set_strategy(self, strategy: str, block: int = DEFAULT_BLOCK):
+        if strategy not in STRATEGIES:
+            raise DllmExportError(f"--moe {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if strategy == "ort" and self.expert_bias is not None and bool(self.expert_bias.any()):
+            raise DllmExportError(
+                "--moe ort: this checkpoint has a non-zero expert_bias, which "
+                "com.microsoft::MoE cannot apply; use --moe sparse or dense"
+            )
+        if strategy in ("sparse", "ort") and self.fc1 is None:
+            self.pack()
+        self.strategy, self.block = strategy, block
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        router_logits = self.gate(x)
+        if self.strategy == "ort":
+            out = moe_swiglu(x, router_logits, self.fc1, self.fc2, self.top_k, self.renormalize)
+            return out.view(shape)
+        weights, expert_ids = softmax_topk(
+            router_logits, self.top_k, self.renormalize, self.expert_bias
+        )
+        if self.strategy == "dense":
+            out = run_dense(x, self.experts, weights, expert_ids)
+        elif self.strategy == "sparse":
+            out = run_sparse(x, self.fc1, self.fc2, weights, expert_ids, self.block)
+        else:
+            out = run_eager(x, self.experts, weights, expert_ids)
+        return out.view(shape)

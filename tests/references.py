@@ -1,0 +1,128 @@
+"""Independent formulations of each family built from transformers' own classes.
+
+LLaDA is a Llama, Dream a Qwen2 and LLaDA-MoE a Qwen3-MoE with norm_topk_prob=False, each
+made bidirectional by clearing ``is_causal`` and passing a 4-D key-padding mask (transformers
+passes 4-D masks through unchanged). Weights are remapped from our checkpoint names.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+
+def _bidirectional(model):
+    for module in model.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = False
+    return model
+
+
+def _mask4d(attention_mask, batch, length):
+    """Additive float mask: eager attention adds it to the scores (a bool mask would be
+    added as 0/1 and hide nothing)."""
+    if attention_mask is None:
+        return torch.zeros(batch, 1, length, length)
+    keep = attention_mask.bool()[:, None, None, :].expand(batch, 1, length, length)
+    return torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+
+
+def llada_reference(model):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    a = model.args
+    config = LlamaConfig(
+        vocab_size=a.embedding_size, hidden_size=a.d_model, intermediate_size=a.mlp_hidden_size,
+        num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
+        num_key_value_heads=a.n_kv_heads, rms_norm_eps=a.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta},
+        max_position_embeddings=a.max_sequence_length, tie_word_embeddings=False,
+        attention_bias=False, attn_implementation="eager",
+    )
+    names = {"attn_norm": "input_layernorm", "q_proj": "self_attn.q_proj",
+             "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+             "attn_out": "self_attn.o_proj", "ff_norm": "post_attention_layernorm",
+             "ff_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "ff_out": "mlp.down_proj"}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        m = re.match(r"model\.transformer\.blocks\.(\d+)\.(\w+)\.weight", name)
+        if m:
+            state[f"model.layers.{m[1]}.{names[m[2]]}.weight"] = tensor
+        elif name == "model.transformer.wte.weight":
+            state["model.embed_tokens.weight"] = tensor
+        elif name == "model.transformer.ln_f.weight":
+            state["model.norm.weight"] = tensor
+        elif name == "model.transformer.ff_out.weight":
+            state["lm_head.weight"] = tensor
+    ref = LlamaForCausalLM(config)
+    ref.load_state_dict(state, strict=True)
+    return _bidirectional(ref.eval())
+
+
+def dream_reference(model):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    a = model.args
+    config = Qwen2Config(
+        vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
+        num_hidden_layers=a.num_hidden_layers, num_attention_heads=a.num_attention_heads,
+        num_key_value_heads=a.num_key_value_heads, rms_norm_eps=a.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta},
+        tie_word_embeddings=False, attn_implementation="eager",
+    )
+    ref = Qwen2ForCausalLM(config)
+    ref.load_state_dict(model.state_dict(), strict=True)
+    return _bidirectional(ref.eval())
+
+
+def llada_moe_reference(model):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    a = model.args
+    config = Qwen3MoeConfig(
+        vocab_size=a.vocab_size, hidden_size=a.hidden_size,
+        moe_intermediate_size=a.expert_intermediate_size,
+        intermediate_size=a.dense_intermediate_size or a.expert_intermediate_size,
+        num_hidden_layers=a.num_hidden_layers, num_attention_heads=a.num_attention_heads,
+        num_key_value_heads=a.num_key_value_heads, head_dim=a.head_dim,
+        num_experts=a.num_experts, num_experts_per_tok=a.num_experts_per_tok,
+        norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+        rms_norm_eps=a.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta},
+        tie_word_embeddings=False, attn_implementation="eager",
+    )
+    state = {}
+    experts: dict = {}
+    for name, tensor in model.state_dict().items():
+        m = re.match(r"(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(\w+)\.weight", name)
+        if m:
+            experts.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = tensor
+        else:
+            state[name] = tensor
+    for prefix, by_index in experts.items():
+        order = sorted(by_index)
+        state[f"{prefix}.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([by_index[i]["gate_proj"], by_index[i]["up_proj"]]) for i in order])
+        state[f"{prefix}.experts.down_proj"] = torch.stack(
+            [by_index[i]["down_proj"] for i in order])
+    ref = Qwen3MoeForCausalLM(config)
+    ref.load_state_dict(state, strict=True)
+    return _bidirectional(ref.eval())
+
+
+def reference_logits(family, model, input_ids, attention_mask=None):
+    """Logits of the transformers reference, aligned like ours (Dream shifted)."""
+    builder = {"llada": llada_reference, "dream": dream_reference,
+               "llada-moe": llada_moe_reference}[family]
+    ref = builder(model)
+    batch, length = input_ids.shape
+    kwargs = {"attention_mask": _mask4d(attention_mask, batch, length)}
+    if family == "dream" and attention_mask is not None:
+        positions = attention_mask.long().cumsum(-1) - 1
+        kwargs["position_ids"] = positions.masked_fill(attention_mask == 0, 1)
+    with torch.no_grad():
+        logits = ref(input_ids=input_ids, **kwargs).logits.float()
+    if family == "dream":
+        logits = torch.cat((logits[:, :1], logits[:, :-1]), dim=1)
+    return logits
