@@ -1,0 +1,278 @@
+"""The unmasking loop, shared by every backend.
+
+``denoise`` fills a canvas ``[left-padded prompt | gen_length masks]`` by calling
+``backend.predict`` once per step and committing positions with the schedules in
+``sampling.py``. Two algorithm families:
+
+* ``llada``: semi-autoregressive blocks, steps split evenly per block, the linear transfer
+  schedule, low-confidence or random remasking, optional Fast-dLLM threshold, CFG.
+* ``dream``: whole-canvas steps with the ``1 - s/t`` schedule and Dream's confidences.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+
+from dllm_export.errors import DllmExportError
+from dllm_export.runtime import sampling
+from dllm_export.runtime.prediction import summarize_logits
+
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+
+
+@dataclass
+class SamplerConfig:
+    """Options of both algorithm families; each family reads its own."""
+
+    algorithm: str = "llada"
+    gen_length: int = 128
+    steps: int = 128
+    block_length: int | None = 32
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+    threshold: float | None = None
+    cfg_scale: float = 0.0
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+    alg: str = "entropy"
+    alg_temp: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    eps: float = 1e-3
+    seed: int = 0
+    early_exit: bool = True
+
+    def __post_init__(self):
+        if self.algorithm not in ("llada", "dream"):
+            raise DllmExportError(f"--algorithm {self.algorithm!r}: choose llada or dream")
+        if self.gen_length < 1 or self.steps < 1:
+            raise DllmExportError("--gen-length and --steps must be at least 1")
+        if self.algorithm == "dream":
+            if self.alg not in DREAM_ALGS:
+                raise DllmExportError(f"--alg {self.alg!r}: choose one of {', '.join(DREAM_ALGS)}")
+            return
+        if self.remasking not in ("low_confidence", "random"):
+            raise DllmExportError(f"--remasking {self.remasking!r}: low_confidence or random")
+        block = self.block_length or self.gen_length
+        if self.gen_length % block:
+            raise DllmExportError(
+                f"--gen-length {self.gen_length} must be a multiple of --block-length {block}"
+            )
+        if self.threshold is None and self.steps % (self.gen_length // block):
+            raise DllmExportError(
+                f"--steps {self.steps} must be a multiple of the number of blocks "
+                f"({self.gen_length // block} = gen-length / block-length)"
+            )
+
+    def updated(self, **overrides) -> "SamplerConfig":
+        known = {f.name for f in fields(self)}
+        return replace(self, **{k: v for k, v in overrides.items() if k in known and v is not None})
+
+
+@dataclass
+class StepInfo:
+    """What one forward pass did; handed to ``on_step`` callbacks."""
+
+    step: int
+    block: int
+    canvas: np.ndarray  # [B, L] after this step's commits (do not modify)
+    committed: np.ndarray  # [B, L] bool, positions committed in this step
+    forward_seconds: float
+
+
+@dataclass
+class DenoiseResult:
+    sequences: np.ndarray  # [B, L]
+    prompt_length: int  # the canvas index where generation starts
+    forwards: int = 0
+    step_seconds: list = field(default_factory=list)  # wall time of each step
+    forward_seconds: list = field(default_factory=list)  # of which in the backend
+    seconds: float = 0.0
+
+
+@dataclass
+class Special:
+    mask_id: int
+    eos_id: int
+    eot_id: int | None
+    pad_id: int
+
+
+def build_canvas(prompts: list[list[int]], gen_length: int, seq_len: int | None,
+                 special: Special, truncate: bool = False):
+    """Left-pad prompts into ``[B, seq_len]`` and append ``gen_length`` masks.
+
+    Returns (canvas, attention_mask, prompt_length).
+    """
+    longest = max(len(p) for p in prompts)
+    prompt_length = longest if seq_len is None else seq_len - gen_length
+    if prompt_length < 1:
+        raise DllmExportError(
+            f"--gen-length {gen_length} leaves no room for a prompt in the engine's fixed "
+            f"length {seq_len}; lower --gen-length"
+        )
+    if longest > prompt_length:
+        if not truncate:
+            raise DllmExportError(
+                f"prompt has {longest} tokens but the engine fits {prompt_length} "
+                f"(seq-len {seq_len} - gen-length {gen_length}); shorten the prompt, lower "
+                "--gen-length, re-export with a larger --seq-len, or pass --truncate"
+            )
+        prompts = [p[-prompt_length:] for p in prompts]
+    batch = len(prompts)
+    canvas = np.full((batch, prompt_length + gen_length), special.mask_id, dtype=np.int64)
+    attention = np.ones_like(canvas)
+    for row, prompt in enumerate(prompts):
+        pad = prompt_length - len(prompt)
+        canvas[row, :pad] = special.pad_id
+        attention[row, :pad] = 0
+        canvas[row, pad:prompt_length] = prompt
+    return canvas, attention, prompt_length
+
+
+class _Stepper:
+    """Calls the backend, applies CFG, and keeps the statistics."""
+
+    def __init__(self, backend, attention, config: SamplerConfig, special: Special):
+        self.backend = backend
+        self.attention = attention
+        self.config = config
+        self.special = special
+        self.result_forwards: list[float] = []
+
+    def __call__(self, canvas, prompt_index):
+        started = time.perf_counter()
+        if self.config.cfg_scale > 0:
+            unconditional = canvas.copy()
+            unconditional[prompt_index] = self.special.mask_id
+            both = self.backend.logits(np.concatenate([canvas, unconditional]),
+                                       np.concatenate([self.attention, self.attention]))
+            cond, uncond = np.split(both, 2)
+            logits = uncond + (self.config.cfg_scale + 1) * (cond - uncond)
+            pred = summarize_logits(logits, self.backend.topk, self.backend.special_ids)
+        else:
+            pred = self.backend.predict(canvas, self.attention)
+        self.result_forwards.append(time.perf_counter() - started)
+        return pred
+
+
+def _finish_rows(canvas, done, prompt_length, special: Special):
+    """Early exit: a row is finished once an EOS is committed with everything before it
+    committed; the masked positions after it are filled with EOS."""
+    generated = canvas[:, prompt_length:]
+    for row in np.flatnonzero(~done):
+        eos = np.flatnonzero(generated[row] == special.eos_id)
+        if eos.size and not (generated[row, : eos[0]] == special.mask_id).any():
+            tail = generated[row, eos[0]:]
+            tail[tail == special.mask_id] = special.eos_id
+            done[row] = True
+    return done
+
+
+def _llada_loop(stepper, canvas, prompt_length, config, special, rng, on_step, result):
+    block = config.block_length or config.gen_length
+    num_blocks = config.gen_length // block
+    steps_per_block = config.steps // num_blocks
+    prompt_index = canvas != special.mask_id
+    done = np.zeros(canvas.shape[0], dtype=bool)
+    # Threshold decoding ends a block when it is full; the cap only guards against a model
+    # that keeps predicting the mask token (which commits nothing).
+    max_steps = 4 * block if config.threshold is not None else steps_per_block
+    for block_index in range(num_blocks):
+        start = prompt_length + block_index * block
+        end = start + block
+        counts = sampling.llada_transfer_counts(
+            (canvas[:, start:end] == special.mask_id).sum(axis=1), steps_per_block)
+        for step in range(max_steps):
+            if config.threshold is not None and not (canvas[~done, start:end] == special.mask_id).any():
+                break
+            step_started = time.perf_counter()
+            masked = canvas == special.mask_id
+            pred = stepper(canvas, prompt_index)
+            x0, confidence = sampling.llada_candidates(
+                pred, config.temperature, config.remasking, rng, special.eos_id,
+                special.eot_id, config.logits_eos_inf, config.confidence_eos_eot_inf)
+            confidence[:, end:] = sampling.NEG_INF
+            confidence = np.where(masked & ~done[:, None], confidence, sampling.NEG_INF)
+            if config.threshold is not None:
+                chosen = sampling.select_threshold(confidence, config.threshold)
+            else:
+                chosen = sampling.select_top(confidence, counts[:, step])
+            canvas[chosen] = x0[chosen]
+            if config.early_exit:
+                done = _finish_rows(canvas, done, prompt_length, special)
+            result.step_seconds.append(time.perf_counter() - step_started)
+            if on_step:
+                on_step(StepInfo(len(result.step_seconds), block_index, canvas, chosen,
+                                 stepper.result_forwards[-1]))
+            if done.all():
+                return
+        if done.all():
+            return
+
+
+def _dream_loop(stepper, canvas, prompt_length, config, special, rng, on_step, result):
+    timesteps = sampling.torch_linspace_f32(1.0, config.eps, config.steps + 1)
+    prompt_index = canvas != special.mask_id
+    done = np.zeros(canvas.shape[0], dtype=bool)
+    batch = canvas.shape[0]
+    for step in range(config.steps):
+        step_started = time.perf_counter()
+        masked = (canvas == special.mask_id) & ~done[:, None]
+        pred = stepper(canvas, prompt_index)
+        t, s = timesteps[step], timesteps[step + 1]
+        last = step == config.steps - 1
+        if config.alg == "origin":
+            p_transfer = np.float32(1) - s / t if not last else 1.0
+            _, x0 = sampling.dream_candidates(pred, "maskgit_plus", config.temperature,
+                                              config.top_p, config.top_k, rng)
+            chosen = masked & (rng.random(canvas.shape) < p_transfer)
+        else:
+            confidence, x0 = sampling.dream_candidates(
+                pred, config.alg, config.temperature, config.top_p, config.top_k, rng)
+            confidence = np.where(masked, confidence, sampling.NEG_INF)
+            # The reference averages the mask count over the batch, in float32.
+            average = np.float32(masked.sum()) / np.float32(batch)
+            count = int(average * (np.float32(1) - s / t)) if not last else int(average)
+            counts = np.full(batch, count)
+            if config.alg_temp:
+                chosen = sampling.sample_positions(confidence, counts, config.alg_temp, rng)
+            else:
+                chosen = sampling.select_top(confidence, counts)
+            chosen &= masked
+        canvas[chosen] = x0[chosen]
+        if config.early_exit:
+            done = _finish_rows(canvas, done, prompt_length, special)
+        result.step_seconds.append(time.perf_counter() - step_started)
+        if on_step:
+            on_step(StepInfo(step + 1, 0, canvas, chosen, stepper.result_forwards[-1]))
+        if done.all():
+            return
+
+
+def denoise(backend, prompts: list[list[int]], config: SamplerConfig, special: Special,
+            on_step=None, truncate: bool = False) -> DenoiseResult:
+    """Generate for a batch of tokenised prompts; returns the filled canvas and statistics."""
+    canvas, attention, prompt_length = build_canvas(
+        prompts, config.gen_length, backend.seq_len, special, truncate)
+    if backend.batch_size is not None:
+        rows = canvas.shape[0] * (2 if config.cfg_scale > 0 else 1)
+        if rows > backend.batch_size:
+            raise DllmExportError(
+                f"{rows} sequences per step exceed the engine's batch {backend.batch_size}"
+                f"{' (CFG doubles the batch)' if config.cfg_scale > 0 else ''}; "
+                "re-export with a larger --batch"
+            )
+    rng = np.random.default_rng(config.seed)
+    stepper = _Stepper(backend, attention, config, special)
+    result = DenoiseResult(sequences=canvas, prompt_length=prompt_length)
+    started = time.perf_counter()
+    loop = _llada_loop if config.algorithm == "llada" else _dream_loop
+    loop(stepper, canvas, prompt_length, config, special, rng, on_step, result)
+    result.seconds = time.perf_counter() - started
+    result.forwards = len(stepper.result_forwards)
+    result.forward_seconds = stepper.result_forwards
+    return result
