@@ -136,7 +136,8 @@ class Model(nn.Module):
         if attention_mask is None:
             positions = default_positions(input_ids)
         else:  # Dream numbers real tokens from 0 under left padding; pads get 1
-            positions = attention_mask.long().cumsum(-1) - 1
+            # float cumsum: TensorRT's CumSum takes no int64 (exact below 2**24 tokens)
+            positions = attention_mask.float().cumsum(-1).long() - 1
             positions = positions.masked_fill(attention_mask == 0, 1)
         cos, sin = rope_tables(positions, self.args.head_dim, self.args.rope_theta)
         bias = padding_bias(attention_mask, x.dtype)

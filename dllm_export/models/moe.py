@@ -75,32 +75,35 @@ def run_dense(x, experts, weights, expert_ids):
     return out
 
 
-def run_sparse(x, fc1, fc2, weights, expert_ids, block: int):
+def run_sparse(x, fc1t, fc2t, weights, expert_ids, block: int):
     """Group (token, expert) pairs by expert into ``block``-row blocks; one bmm per matrix.
 
-    fc1: [E, 2I, D] with gate/up rows interleaved; fc2: [E, D, I].
+    fc1t: [E, D, 2I] with gate/up columns interleaved; fc2t: [E, I, D].
     """
     tokens, hidden = x.shape
     top_k = expert_ids.shape[1]
-    num_experts = fc1.shape[0]
+    num_experts = fc1t.shape[0]
     pairs = tokens * top_k
     # Worst case: every expert's segment wastes block-1 rows of padding.
     num_blocks = math.ceil((pairs + num_experts * (block - 1)) / block)
     flat_expert = expert_ids.reshape(pairs)
-    onehot = (flat_expert[:, None] == torch.arange(num_experts, device=x.device)).long()
+    # Counting runs in float32 (exact below 2**24 pairs) because TensorRT's CumSum, Clip and
+    # floor division take no int64.
+    onehot = (flat_expert[:, None] == torch.arange(num_experts, device=x.device)).float()
     rank = ((onehot.cumsum(dim=0) - 1) * onehot).sum(dim=1)  # position within its expert
-    padded = (onehot.sum(dim=0) + block - 1) // block * block
+    padded = torch.ceil(onehot.sum(dim=0) / block) * block
     seg_end = padded.cumsum(dim=0)
-    slot = (seg_end - padded)[flat_expert] + rank  # unique destination row of each pair
+    slot = ((seg_end - padded)[flat_expert] + rank).long()  # unique destination row of each pair
     token_of_pair = torch.arange(pairs, device=x.device) // top_k
     rows = torch.zeros(num_blocks * block, hidden, dtype=x.dtype, device=x.device)
     rows = rows.index_put((slot,), x[token_of_pair])
-    block_start = torch.arange(num_blocks, device=x.device) * block
-    block_expert = (block_start[:, None] >= seg_end[None, :]).sum(dim=1).clamp(max=num_experts - 1)
+    block_start = torch.arange(num_blocks, device=x.device).float() * block
+    block_expert = (block_start[:, None] >= seg_end[None, :]).sum(dim=1)
+    block_expert = torch.minimum(block_expert, torch.tensor(num_experts - 1, device=x.device))
     xb = rows.view(num_blocks, block, hidden)
-    h = torch.bmm(xb, fc1[block_expert].transpose(1, 2))  # [nb, block, 2I]
+    h = torch.bmm(xb, fc1t[block_expert])  # [nb, block, 2I]
     h = F.silu(h[..., 0::2]) * h[..., 1::2]
-    yb = torch.bmm(h, fc2[block_expert].transpose(1, 2))  # [nb, block, D]
+    yb = torch.bmm(h, fc2t[block_expert])  # [nb, block, D]
     y = yb.reshape(num_blocks * block, hidden)[slot].view(tokens, top_k, hidden)
     return (y * weights[..., None].to(x.dtype)).sum(dim=1)
 
@@ -114,7 +117,8 @@ def moe_swiglu(x: torch.Tensor, router_logits: torch.Tensor, fc1: torch.Tensor,
     reference ONNX Runtime's kernel is checked against.
     """
     weights, expert_ids = softmax_topk(router_logits, top_k, renormalize=normalize)
-    return run_sparse(x, fc1, fc2, weights, expert_ids, DEFAULT_BLOCK)
+    return run_sparse(x, fc1.transpose(1, 2), fc2.transpose(1, 2), weights, expert_ids,
+                      DEFAULT_BLOCK)
 
 
 @moe_swiglu.register_fake
@@ -138,26 +142,28 @@ class SparseMoeBlock(nn.Module):
             self.expert_bias = None
         self.strategy = "eager"
         self.block = DEFAULT_BLOCK
-        self.fc1 = self.fc2 = None  # packed views, built by pack()
+        self.fc1t = self.fc2t = None  # packed expert weights, built by pack()
 
     def pack(self):
-        """Stack expert weights into fc1 [E, 2I, D] (gate/up interleaved) and fc2 [E, D, I],
-        and re-point each expert's parameters at views of them, so one copy is held."""
+        """Stack expert weights into fc1t [E, D, 2I] (gate/up columns interleaved) and
+        fc2t [E, I, D], and re-point each expert's parameters at views of them, so one copy
+        is held. The transposed layout lets the sparse strategy gather blocks of weights and
+        multiply without a transpose per step."""
         first = self.experts[0]
         num_experts = len(self.experts)
         inner, hidden = first.gate_proj.weight.shape
         dtype, device = first.gate_proj.weight.dtype, first.gate_proj.weight.device
-        fc1 = torch.empty(num_experts, 2 * inner, hidden, dtype=dtype, device=device)
-        fc2 = torch.empty(num_experts, hidden, inner, dtype=dtype, device=device)
+        fc1t = torch.empty(num_experts, hidden, 2 * inner, dtype=dtype, device=device)
+        fc2t = torch.empty(num_experts, inner, hidden, dtype=dtype, device=device)
         with torch.no_grad():
             for index, expert in enumerate(self.experts):
-                fc1[index, 0::2] = expert.gate_proj.weight
-                fc1[index, 1::2] = expert.up_proj.weight
-                fc2[index] = expert.down_proj.weight
-                expert.gate_proj.weight = nn.Parameter(fc1[index, 0::2], requires_grad=False)
-                expert.up_proj.weight = nn.Parameter(fc1[index, 1::2], requires_grad=False)
-                expert.down_proj.weight = nn.Parameter(fc2[index], requires_grad=False)
-        self.fc1, self.fc2 = fc1, fc2
+                fc1t[index, :, 0::2] = expert.gate_proj.weight.T
+                fc1t[index, :, 1::2] = expert.up_proj.weight.T
+                fc2t[index] = expert.down_proj.weight.T
+                views = (fc1t[index, :, 0::2].T, fc1t[index, :, 1::2].T, fc2t[index].T)
+                for linear, view in zip((expert.gate_proj, expert.up_proj, expert.down_proj), views):
+                    linear.weight = nn.Parameter(view, requires_grad=False)
+        self.fc1t, self.fc2t = fc1t, fc2t
 
     def set_strategy(self, strategy: str, block: int = DEFAULT_BLOCK):
         if strategy not in STRATEGIES:
@@ -167,7 +173,7 @@ class SparseMoeBlock(nn.Module):
                 "--moe ort: this checkpoint has a non-zero expert_bias, which "
                 "com.microsoft::MoE cannot apply; use --moe sparse or dense"
             )
-        if strategy in ("sparse", "ort") and self.fc1 is None:
+        if strategy in ("sparse", "ort") and self.fc1t is None:
             self.pack()
         self.strategy, self.block = strategy, block
 
@@ -176,7 +182,9 @@ class SparseMoeBlock(nn.Module):
         x = x.reshape(-1, shape[-1])
         router_logits = self.gate(x)
         if self.strategy == "ort":
-            out = moe_swiglu(x, router_logits, self.fc1, self.fc2, self.top_k, self.renormalize)
+            # com.microsoft::MoE wants nn.Linear layouts: fc1 [E, 2I, D], fc2 [E, D, I]
+            fc1, fc2 = self.fc1t.transpose(1, 2), self.fc2t.transpose(1, 2)
+            out = moe_swiglu(x, router_logits, fc1, fc2, self.top_k, self.renormalize)
             return out.view(shape)
         weights, expert_ids = softmax_topk(
             router_logits, self.top_k, self.renormalize, self.expert_bias
@@ -184,7 +192,7 @@ class SparseMoeBlock(nn.Module):
         if self.strategy == "dense":
             out = run_dense(x, self.experts, weights, expert_ids)
         elif self.strategy == "sparse":
-            out = run_sparse(x, self.fc1, self.fc2, weights, expert_ids, self.block)
+            out = run_sparse(x, self.fc1t, self.fc2t, weights, expert_ids, self.block)
         else:
             out = run_eager(x, self.experts, weights, expert_ids)
         return out.view(shape)

@@ -1,0 +1,1 @@
+"""Export stages: torch -> ONNX (onnx.py), validation, the TensorRT lint, planning, builds."""
