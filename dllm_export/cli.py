@@ -162,5 +162,144 @@ def generate(model_dir, prompt, chat, moe, device, show_steps, truncate, **kwarg
     _print_generation(generator, prompt, chat, show_steps, truncate, overrides)
 
 
+class _StageProgress:
+    """A one-line spinner that names the current stage and its detail (for long work)."""
+
+    def __init__(self):
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[stage]}[/]"),
+                                 TextColumn("{task.description}"), TimeElapsedColumn(),
+                                 console=_console(), transient=False)
+        self.task = None
+
+    def __enter__(self):
+        self.progress.start()
+        self.task = self.progress.add_task("", stage="start")
+        return self
+
+    def __call__(self, stage: str, detail: str = ""):
+        self.progress.update(self.task, stage=stage, description=detail)
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path())
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Artifact directory.")
+@click.option("--seq-len", default=256, show_default=True, help="Fixed canvas length (prompt + generation).")
+@click.option("--batch", default=1, show_default=True, help="Fixed batch size.")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
+@click.option("--moe", default="sparse", show_default=True, type=click.Choice(["dense", "sparse", "ort"]),
+              help="MoE routing in the graph: dense (all experts), sparse (lossless expert blocks), "
+                   "ort (com.microsoft::MoE, ONNX Runtime only).")
+@click.option("--moe-block", default=16, show_default=True, help="Rows per expert block (sparse).")
+@click.option("--outputs", default="decode", show_default=True, type=click.Choice(["decode", "logits"]))
+@click.option("--topk", default=8, show_default=True, help="Candidates per position in the decode head.")
+@click.option("--opset", default=18, show_default=True)
+@click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check.")
+@click.option("--overwrite", is_flag=True)
+@user_errors
+def export(model_dir, out_dir, seq_len, batch, dtype, moe, moe_block, outputs, topk, opset,
+           no_validate, overwrite):
+    """Export a checkpoint to a validated ONNX artifact."""
+    from dllm_export.export.onnx import ExportOptions, export_model
+
+    options = ExportOptions(seq_len=seq_len, batch=batch, dtype=dtype, moe=moe, moe_block=moe_block,
+                            outputs=outputs, topk=topk, opset=opset, validate=not no_validate,
+                            overwrite=overwrite)
+    with _StageProgress() as progress:
+        manifest = export_model(model_dir, out_dir, options, report=progress)
+    _print_export_summary(out_dir, manifest)
+
+
+def _print_export_summary(out_dir, manifest):
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    validation = manifest["validation"] or {}
+    if validation.get("results"):
+        table = Table(title=f"validation: {validation['reference']} vs ONNX Runtime CPU "
+                            f"(bars {validation['bars']})")
+        for column in ("case", "positions", "top1_agreement", "cosine_mean", "cosine_min", "max_abs_diff"):
+            table.add_column(column)
+        for row in validation["results"]:
+            table.add_row(*(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c])
+                            for c in ("case", "positions", "top1_agreement", "cosine_mean",
+                                      "cosine_min", "max_abs_diff")))
+        console.print(table)
+    trt = manifest.get("trt_compatibility") or {}
+    console.print(f"TensorRT compatibility: {'clean' if trt.get('clean') else 'see check-trt'}"
+                  f" ({len(trt.get('findings', []))} findings)")
+    console.print(f"[bold green]{out_dir}[/] valid={manifest['valid']}")
+
+
+@main.command()
+@click.argument("artifact_dir", type=click.Path())
+@click.option("--model", "model_dir", type=click.Path(), default=None,
+              help="Checkpoint to compare with (default: the manifest's source).")
+@user_errors
+def validate(artifact_dir, model_dir):
+    """Rerun ONNX Runtime vs PyTorch validation of an artifact."""
+    from dllm_export.export.onnx import validate_artifact
+
+    with _StageProgress() as progress:
+        manifest = validate_artifact(artifact_dir, model_dir, report=progress)
+    _print_export_summary(artifact_dir, manifest)
+    if not manifest["valid"]:
+        raise DllmExportError(f"{artifact_dir}: validation failed; the artifact is marked invalid")
+
+
+@main.command("check-trt")
+@click.argument("onnx_path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def check_trt(onnx_path, as_json):
+    """List every node TensorRT's ONNX parser would reject, with the reason."""
+    from pathlib import Path
+
+    from dllm_export.export.trt_lint import check_trt as lint
+
+    path = Path(onnx_path)
+    if path.is_dir():
+        path = path / "model.onnx"
+    if not path.is_file():
+        raise DllmExportError(f"{path}: no such ONNX file")
+    findings = lint(path)
+    if as_json:
+        from dataclasses import asdict
+
+        click.echo(json.dumps([asdict(f) for f in findings], indent=2))
+    else:
+        for f in findings:
+            click.echo(f"{f.severity:7} {f.op:24} {f.node}: {f.reason}")
+    errors = sum(f.severity == "error" for f in findings)
+    click.echo(f"{path}: {errors} errors, {len(findings) - errors} warnings", err=True)
+    if errors:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("artifact_dir", type=click.Path())
+@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--provider", default="cpu", show_default=True,
+              type=click.Choice(["cpu", "cuda", "tensorrt"]), help="ONNX Runtime provider.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (default: all cores).")
+@click.option("--show-steps", is_flag=True, help="Show the canvas filling in step by step.")
+@click.option("--truncate", is_flag=True, help="Left-truncate a prompt that does not fit.")
+@sampler_options
+@user_errors
+def run(artifact_dir, prompt, chat, provider, threads, show_steps, truncate, **kwargs):
+    """Generate from an exported artifact or engine (no torch needed)."""
+    from dllm_export.runtime import Generator
+
+    overrides = _sampler_overrides(kwargs)
+    generator = Generator.from_artifact(artifact_dir, provider=provider, threads=threads)
+    _print_generation(generator, prompt, chat, show_steps, truncate, overrides)
+
+
 if __name__ == "__main__":
     main()

@@ -26,7 +26,9 @@ import contextlib
 import dataclasses
 import gc
 import io
+import logging
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -131,7 +133,11 @@ def _trace(denoiser, options: ExportOptions, has_moe: bool):
         table = translation_table()
     outputs = list(DECODE_OUTPUTS) if options.outputs == "decode" else ["logits"]
     log = io.StringIO()
-    with contextlib.redirect_stdout(log):
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(log), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
                 denoiser, example, None, dynamo=True, opset_version=options.opset,
@@ -142,6 +148,8 @@ def _trace(denoiser, options: ExportOptions, has_moe: bool):
             raise DllmExportError(
                 f"torch.onnx.export failed: {type(err).__name__}: {str(err).splitlines()[0]}"
             ) from err
+        finally:
+            quiet.setLevel(level)
     return program, outputs
 
 
