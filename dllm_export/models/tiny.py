@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dllm_export.checkpoint import SINGLE_FILE
 from dllm_export.jsonio import atomic_directory, write_json
 from dllm_export.models import FAMILIES, family_module
 
@@ -74,59 +75,62 @@ def write_tokenizer(directory: Path, tokenizer, spec: dict, model_max_length: in
     return ids
 
 
-def random_state_dict(model, seed: int, std: float = 0.02):
+def random_tensor(name: str, shape, generator, std: float = 0.02):
     """Normal(0, std) matrices and embeddings; norm weights near 1 but not exactly, so a test
     notices a norm whose weight is ignored."""
     import torch
 
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, tensor in model.state_dict().items():
-        owner = name.split(".")[-2]
-        if "norm" in owner or owner == "ln_f":
-            value = 1.0 + 0.1 * torch.randn(tensor.shape, generator=generator)
-        elif name.endswith("expert_bias"):
-            value = torch.zeros(tensor.shape)
-        elif name.endswith(".bias"):
-            value = 0.02 * torch.randn(tensor.shape, generator=generator)
-        else:
-            value = std * torch.randn(tensor.shape, generator=generator)
-        state[name] = value
-    return state
+    owner = name.split(".")[-2]
+    if "norm" in owner or owner == "ln_f":
+        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+    if name.endswith("expert_bias"):
+        return torch.zeros(shape)
+    return std * torch.randn(shape, generator=generator)
 
 
-def save_sharded(directory: Path, state: dict, dtype, shards: int) -> None:
-    """Write ``model-0000i-of-0000n.safetensors`` plus the index, or one file if shards == 1."""
+def save_sharded(directory: Path, shapes: dict, make_tensor, dtype, shards: int) -> None:
+    """Write ``model-0000i-of-0000n.safetensors`` plus the index, or one file if shards == 1.
+
+    Tensors are made one shard at a time (``make_tensor(name, shape)``), so a generated
+    checkpoint of a billion parameters never sits in memory whole.
+    """
     from safetensors.torch import save_file
 
-    names = list(state)
-    if shards <= 1:
-        save_file({n: state[n].to(dtype).contiguous() for n in names},
-                  str(directory / "model.safetensors"), metadata={"format": "pt"})
-        return
+    names = list(shapes)
+    shards = max(1, min(shards, len(names)))
     per_shard = -(-len(names) // shards)
     weight_map, total = {}, 0
     for index in range(shards):
         chunk = names[index * per_shard : (index + 1) * per_shard]
-        file_name = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
-        tensors = {n: state[n].to(dtype).contiguous() for n in chunk}
+        file_name = (SINGLE_FILE if shards == 1
+                     else f"model-{index + 1:05d}-of-{shards:05d}.safetensors")
+        tensors = {n: make_tensor(n, shapes[n]).to(dtype).contiguous() for n in chunk}
         save_file(tensors, str(directory / file_name), metadata={"format": "pt"})
         for name, tensor in tensors.items():
             weight_map[name] = file_name
             total += tensor.numel() * tensor.element_size()
-    write_json(directory / "model.safetensors.index.json",
-               {"metadata": {"total_size": total}, "weight_map": weight_map})
+        del tensors
+    if shards > 1:
+        write_json(directory / "model.safetensors.index.json",
+                   {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def write_checkpoint(out_dir: Path, family: str, config: dict, state: dict, tokenizer,
+def write_checkpoint(out_dir: Path, family: str, config: dict, state, tokenizer,
                      generation: dict, dtype, shards: int, overwrite: bool = False) -> Path:
-    """Write a complete checkpoint directory atomically."""
+    """Write a complete checkpoint directory atomically.
+
+    ``state`` is a state dict, or a (shapes, make_tensor) pair for tensors made on demand.
+    """
+    if isinstance(state, dict):
+        weights = state
+        state = ({name: tuple(t.shape) for name, t in weights.items()},
+                 lambda name, shape: weights[name])
     spec = family_module(family).TOKENIZER
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         write_tokenizer(tmp, tokenizer, spec, config.get("max_position_embeddings", 4096))
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_json(tmp / "generation_config.json", generation)
-        save_sharded(tmp, state, dtype, shards)
+        save_sharded(tmp, *state, dtype, shards)
     return Path(out_dir)
 
 
@@ -148,16 +152,12 @@ def make_tiny(family: str, out_dir: str | Path, seed: int = 0, dtype: str = "bfl
     config.update(overrides or {})
     args = module.ModelArgs.from_dict(config)
     with torch.device("meta"):
-        shapes = module.Model(args)
-    state = random_state_dict(_materialize(shapes), seed)
+        shapes = {name: tuple(t.shape) for name, t in module.Model(args).state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    state = (shapes, lambda name, shape: random_tensor(name, shape, generator))
     generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
                   "mask_token_id": ids["mask"], "_from_model_config": True}
     torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
                    "float32": torch.float32}[dtype]
     return write_checkpoint(Path(out_dir), family, config, state, tokenizer, generation,
                             torch_dtype, shards, overwrite)
-
-
-def _materialize(meta_model):
-    """A CPU module with the meta model's tensor names and shapes (values are overwritten)."""
-    return meta_model.to_empty(device="cpu")
