@@ -42,7 +42,8 @@ def load_model(directory: str | Path, dtype=None, progress=None):
     """Load a checkpoint into the family's ``Model`` with one copy of the weights.
 
     The model is built on the meta device; each tensor is read from its shard, checked
-    against the expected shape, cast to ``dtype`` (default: float32) and assigned in place.
+    against the expected shape, cast to ``dtype`` (default: float32; "auto" keeps each
+    tensor's stored dtype) and assigned in place.
     Every parameter must be filled and every tensor used, or the load fails naming the first
     offending key and its shard.
 
@@ -57,6 +58,7 @@ def load_model(directory: str | Path, dtype=None, progress=None):
     module = family_module(checkpoint.family)
     args = module.ModelArgs.from_dict(checkpoint.config)
     dtype = dtype or torch.float32
+    keep = dtype == "auto"
     with torch.device("meta"):
         model = module.Model(args)
     expected = dict(model.named_parameters())
@@ -98,12 +100,12 @@ def load_model(directory: str | Path, dtype=None, progress=None):
                         f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, expected "
                         f"{want} from config.json"
                     )
-                _assign(model, name, tensor.to(dtype))
+                _assign(model, name, tensor if keep else tensor.to(dtype))
                 del tensor
                 if progress is not None:
                     progress(name)
     for name, tensor in extra.items():
-        _assign(model, name, tensor.to(dtype))
+        _assign(model, name, tensor if keep else tensor.to(dtype))
     model.eval()
     return model, checkpoint
 

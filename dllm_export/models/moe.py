@@ -95,8 +95,12 @@ def run_sparse(x, fc1t, fc2t, weights, expert_ids, block: int):
     seg_end = padded.cumsum(dim=0)
     slot = ((seg_end - padded)[flat_expert] + rank).long()  # unique destination row of each pair
     token_of_pair = torch.arange(pairs, device=x.device) // top_k
-    rows = torch.zeros(num_blocks * block, hidden, dtype=x.dtype, device=x.device)
-    rows = rows.index_put((slot,), x[token_of_pair])
+    # Which token fills each row: scatter the small index vector (padding rows point at an
+    # appended zero row) and gather the activations, instead of scattering [rows, D] data.
+    source = torch.full((num_blocks * block,), tokens, dtype=torch.long, device=x.device)
+    source = source.index_put((slot,), token_of_pair)
+    padded_x = torch.cat([x, x.new_zeros(1, hidden)])
+    rows = padded_x[source]
     block_start = torch.arange(num_blocks, device=x.device).float() * block
     block_expert = (block_start[:, None] >= seg_end[None, :]).sum(dim=1)
     block_expert = torch.minimum(block_expert, torch.tensor(num_experts - 1, device=x.device))
