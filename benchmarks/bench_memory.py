@@ -43,9 +43,15 @@ def load_worker(path: str):
     model, _ = load_model(path, dtype="auto")
     seconds = time.perf_counter() - started
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    after_load = peak_rss_bytes()
+    # safetensors maps the shards and pages them in lazily: touch every weight (as a forward
+    # pass would) before taking the peak, so the figure is the resident one.
+    for param in model.parameters():
+        param.float().sum()
     peak = peak_rss_bytes()
     emit({"stage": "load", "parameters": sum(p.numel() for p in model.parameters()),
-          "weight_bytes": weight_bytes, "baseline_rss": baseline, "peak_rss": peak,
+          "weight_bytes": weight_bytes, "baseline_rss": baseline,
+          "peak_rss_after_load": after_load, "peak_rss": peak,
           "net_ratio": round((peak - baseline) / weight_bytes, 3),
           "gross_ratio": round(peak / weight_bytes, 3), "seconds": round(seconds, 1)})
 

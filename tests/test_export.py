@@ -1,0 +1,173 @@
+"""Export: every family to a validated artifact, run on ONNX Runtime without torch, token
+for token equal to the PyTorch checkpoint at temperature 0."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dllm_export import DllmExportError
+from dllm_export.cli import main
+from dllm_export.export import onnx as onnx_export
+from dllm_export.export.onnx import ExportOptions, export_model
+from dllm_export.runtime import Generator, SamplerConfig, denoise
+from dllm_export.runtime.backends.onnxruntime import OrtBackend
+
+SEQ_LEN = 48
+GEN = 16
+
+
+@pytest.fixture(scope="session")
+def artifact(tiny_dir, tmp_path_factory):
+    """A function (family, moe) -> artifact directory, exported once per session."""
+    root = tmp_path_factory.mktemp("artifacts")
+    made = {}
+
+    def get(family, moe="sparse"):
+        key = (family, moe)
+        if key not in made:
+            made[key] = root / f"{family}-{moe}"
+            export_model(tiny_dir(family), made[key], ExportOptions(seq_len=SEQ_LEN, moe=moe))
+        return made[key]
+
+    return get
+
+
+@pytest.mark.parametrize("family", ["llada", "llada-moe", "dream"])
+def test_export_is_valid_and_tensorrt_clean(family, artifact):
+    directory = artifact(family)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["valid"] is True
+    for row in manifest["validation"]["results"]:
+        assert row["top1_agreement"] >= 0.999 and row["cosine_mean"] >= 0.99999, row
+    assert [r["case"] for r in manifest["validation"]["results"]] == [
+        "mask_0.1", "mask_0.5", "mask_0.9", "left_padded"]
+    assert manifest["trt_compatibility"] == {"clean": True, "findings": []}
+    assert manifest["shift_logits"] is (family == "dream")
+    assert (manifest["moe"] is not None) is (family == "llada-moe")
+    assert manifest["shapes"] == {"batch": 1, "seq_len": SEQ_LEN}
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "generation_config.json", "manifest.json", "model.onnx", "model.onnx.data",
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_graph_names_follow_checkpoint_modules(artifact):
+    import onnx
+
+    model = onnx.load(str(artifact("llada-moe") / "model.onnx"), load_external_data=False)
+    names = {n.name for n in model.graph.node}
+    assert "model.layers.0.mlp.gate/Gemm" in names or "model.layers.0.mlp.gate/MatMul" in names
+    weights = {i.name for i in model.graph.initializer}
+    assert "model.layers.1.self_attn.q_proj.weight_t" in weights
+    assert not any(p.key.startswith("pkg.torch") for n in model.graph.node for p in n.metadata_props)
+
+
+@pytest.mark.parametrize("family", ["llada", "llada-moe", "dream"])
+def test_artifact_commits_the_same_tokens_as_pytorch(family, artifact, tiny_dir):
+    """Temperature 0, fp32, same canvas: the ORT artifact and the checkpoint agree exactly."""
+    torch_gen = Generator.from_checkpoint(tiny_dir(family))
+    manifest = json.loads((artifact(family) / "manifest.json").read_text())
+    ort_backend = OrtBackend(artifact(family), manifest)
+    prompt = list(np.random.default_rng(3).integers(0, 300, SEQ_LEN - GEN))
+    configs = [SamplerConfig(gen_length=GEN, steps=GEN, block_length=8, early_exit=False),
+               SamplerConfig(gen_length=GEN, steps=8, block_length=GEN, threshold=0.2,
+                             early_exit=False),
+               SamplerConfig(algorithm="dream", gen_length=GEN, steps=8, alg="topk_margin",
+                             early_exit=False)]
+    for config in configs:
+        expected = denoise(torch_gen.backend, [prompt], config, torch_gen.special).sequences
+        got = denoise(ort_backend, [prompt], config, torch_gen.special).sequences
+        assert got.tolist() == expected.tolist(), config
+
+
+def test_moe_strategies_export_and_agree(artifact):
+    dense = json.loads((artifact("llada-moe", "dense") / "manifest.json").read_text())
+    ort = json.loads((artifact("llada-moe", "ort") / "manifest.json").read_text())
+    assert dense["valid"] and ort["valid"]
+    assert dense["trt_compatibility"]["clean"]
+    assert not ort["trt_compatibility"]["clean"]  # com.microsoft::MoE needs a plugin
+    assert {f["op"] for f in ort["trt_compatibility"]["findings"]} == {"com.microsoft::MoE"}
+
+
+def test_runtime_generates_without_torch(artifact, tmp_path):
+    """A subprocess in which importing torch fails runs generation from the artifact."""
+    script = textwrap.dedent(f"""
+        import sys
+        class NoTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is blocked in this test")
+        sys.meta_path.insert(0, NoTorch())
+        from dllm_export.runtime import Generator
+        gen = Generator.from_artifact({str(artifact('llada-moe'))!r})
+        out = gen.generate("hello", gen_length=8, steps=8, block_length=8)
+        assert "torch" not in sys.modules
+        print("generated", out.forwards, len(out.tokens[0]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("generated 8 ")
+
+
+def test_prompt_longer_than_the_artifact(artifact):
+    gen = Generator.from_artifact(artifact("llada"))
+    long_prompt = " ".join(["the quick brown fox"] * 40)
+    with pytest.raises(DllmExportError, match=rf"prompt has \d+ tokens but the engine fits "
+                                              rf"{SEQ_LEN - GEN} \(seq-len {SEQ_LEN} - gen-length {GEN}\)"):
+        gen.generate(long_prompt, gen_length=GEN, steps=GEN, block_length=GEN)
+    out = gen.generate(long_prompt, gen_length=GEN, steps=GEN, block_length=GEN, truncate=True)
+    assert out.forwards == GEN
+
+
+def test_failed_validation_marks_the_artifact_invalid(tiny_dir, tmp_path, monkeypatch):
+    from dllm_export.export import validate
+
+    monkeypatch.setitem(validate.BARS, "fp32", {"top1_agreement": 1.01, "cosine": 2.0})
+    out = tmp_path / "invalid"
+    with pytest.raises(DllmExportError, match=r"validation failed .* the artifact is marked invalid"):
+        export_model(tiny_dir("llada"), out, ExportOptions(seq_len=32))
+    assert json.loads((out / "manifest.json").read_text())["valid"] is False
+    with pytest.raises(DllmExportError, match=r"manifest.json.*not valid|marked invalid|valid"):
+        Generator.from_artifact(out)
+
+
+def test_interrupted_export_leaves_no_directory(tiny_dir, tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dllm_export.export.trt_lint.check_trt", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(tiny_dir("llada"), tmp_path / "art", ExportOptions(seq_len=32))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_bad_options(tiny_dir, tmp_path):
+    with pytest.raises(DllmExportError, match=r"--seq-len 9000 exceeds the model's 4096 positions"):
+        export_model(tiny_dir("llada"), tmp_path / "a", ExportOptions(seq_len=9000))
+    with pytest.raises(DllmExportError, match=r"eager has data-dependent shapes"):
+        ExportOptions(moe="eager")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(DllmExportError, match=r"already exists; choose another path or pass --overwrite"):
+        export_model(tiny_dir("llada"), tmp_path / "exists", ExportOptions(seq_len=32))
+
+
+def test_validate_reruns_against_the_checkpoint(artifact):
+    manifest = onnx_export.validate_artifact(artifact("dream"))
+    assert manifest["valid"] and len(manifest["validation"]["results"]) == 4
+
+
+def test_cli_run_and_one_line_errors(artifact, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["run", str(artifact("llada")), "--prompt", "hi",
+                                  "--gen-length", "16", "--steps", "8", "--block-length", "8"])
+    assert result.exit_code == 0, result.output
+    assert "forwards=8" in result.output
+    result = runner.invoke(main, ["run", str(tmp_path / "nowhere"), "--prompt", "hi"])
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and "error:" in result.output
