@@ -47,7 +47,7 @@ def load_worker(path: str):
     # safetensors maps the shards and pages them in lazily: touch every weight (as a forward
     # pass would) before taking the peak, so the figure is the resident one.
     for param in model.parameters():
-        param.float().sum()
+        param.sum()
     peak = peak_rss_bytes()
     emit({"stage": "load", "parameters": sum(p.numel() for p in model.parameters()),
           "weight_bytes": weight_bytes, "baseline_rss": baseline,
