@@ -40,6 +40,7 @@ DTYPES = ("fp32", "fp16", "bf16")
 OUTPUT_KINDS = ("decode", "logits")
 EXPORT_STRATEGIES = ("dense", "sparse", "ort")
 DEFAULT_MOE = "sparse"
+LOGITS_GRAPH = "model_logits.onnx"  # same graph and weights, plus the full logits output
 DECODE_OUTPUTS = ("topk_ids", "topk_logprobs", "neg_entropy", "special_logprobs")
 INPUTS = (
     {"name": "input_ids", "dtype": "int64", "meaning": "canvas: left-padded prompt, committed tokens, mask ids"},
@@ -247,7 +248,7 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
     head = DecodeHead(options.topk, special_ids) if options.outputs == "decode" else None
     report("trace", f"torch.onnx.export dynamo, opset {options.opset}, [{options.batch}, {options.seq_len}]")
     program, outputs = _trace(Denoiser(model, head), options, has_moe)
-    from dllm_export.export.passes import run_passes
+    from dllm_export.export.passes import run_passes, write_logits_graph
 
     run_passes(program.model)
     defaults = fit_generation_defaults(
@@ -258,6 +259,9 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
         program.save(str(tmp / "model.onnx"), external_data=True)
         del program
         gc.collect()
+        if options.outputs == "decode":
+            write_logits_graph(tmp / "model.onnx", tmp / LOGITS_GRAPH)
+            manifest["graph"]["logits_file"] = LOGITS_GRAPH
         for name in TOKENIZER_FILES:
             if (Path(model_dir) / name).is_file():
                 shutil.copy2(Path(model_dir) / name, tmp / name)

@@ -58,3 +58,23 @@ PASSES = (name_by_module, strip_torch_metadata)
 def run_passes(model) -> None:
     for apply in PASSES:
         apply(model)
+
+
+def write_logits_graph(src, dst) -> None:
+    """Copy a decode-head graph with the full logits as an extra output ``logits``.
+
+    Only the graph proto is copied; both files read the same external weights file. Eval and
+    calibration (ELBO, logit parity) load this one; engines are built from the other, which
+    does not pay for a [B, L, V] output.
+    """
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(src), load_external_data=False)
+    head = [n for n in model.graph.node if n.op_type == "LogSoftmax"]
+    if not head:
+        raise ValueError(f"{src}: no decode head (LogSoftmax) found")
+    logits = head[-1].input[0]
+    model.graph.node.append(helper.make_node("Identity", [logits], ["logits"], name="logits_output"))
+    model.graph.output.append(helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None))
+    onnx.save(model, str(dst))

@@ -52,11 +52,20 @@ class OrtBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, directory: Path, manifest: dict, provider: str = "cpu",
-                 threads: int | None = None):
+                 threads: int | None = None, logits: bool = False):
+        """``logits=True`` loads the graph variant that also outputs full logits (for eval,
+        calibration and CFG on decode-head artifacts)."""
         import onnxruntime as ort
 
         directory = Path(directory)
         graph = directory / manifest["graph"]["file"]
+        self.has_logits = manifest.get("outputs") == "logits"
+        if logits and not self.has_logits:
+            if not manifest["graph"].get("logits_file"):
+                raise DllmExportError(
+                    f"{directory}: this artifact has no logits graph; re-export it")
+            graph = directory / manifest["graph"]["logits_file"]
+            self.has_logits = True
         if not graph.is_file():
             raise DllmExportError(f"{graph}: graph file named in manifest.json is missing")
         options = ort.SessionOptions()
@@ -85,7 +94,7 @@ class OrtBackend(Backend):
         return feeds
 
     def _run_predict(self, input_ids, attention_mask) -> Prediction:
-        if self.outputs == "logits":
+        if self.outputs == "logits":  # a logits-only artifact: summarise here
             logits = self._run_logits(input_ids, attention_mask)
             return summarize_logits(logits, self.topk, self.special_ids)
         ids, logprobs, entropy, special = self.session.run(
@@ -93,6 +102,6 @@ class OrtBackend(Backend):
         return Prediction(ids, logprobs, entropy, special, self.special_ids)
 
     def _run_logits(self, input_ids, attention_mask):
-        if self.outputs != "logits":
+        if not self.has_logits:
             return super()._run_logits(input_ids, attention_mask)
         return self.session.run(["logits"], self._feeds(input_ids, attention_mask))[0]
