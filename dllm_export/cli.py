@@ -301,5 +301,113 @@ def run(artifact_dir, prompt, chat, provider, threads, show_steps, truncate, **k
     _print_generation(generator, prompt, chat, show_steps, truncate, overrides)
 
 
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+@user_errors
+def profiles(ctx, as_json):
+    """List the shipped device profiles (or: profiles show NAME)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from dllm_export.device_profiles import all_profiles
+
+    found = all_profiles()
+    if as_json:
+        click.echo(json.dumps([{"name": p.name, "description": p.description,
+                                "engine_library": p.engine_library, "path": str(p.path)}
+                               for p in found], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    table.add_column("name", no_wrap=True, style="bold")
+    table.add_column("library", no_wrap=True)
+    for column in ("CC", "usable/GiB", "GB/s", "precisions"):
+        table.add_column(column)
+    for p in found:
+        cc = ".".join(map(str, p.compute_capability)) if p.compute_capability else "-"
+        table.add_row(p.name, p.engine_library, cc,
+                      f"{p.usable_bytes / (1 << 30):.1f}/{p.memory_gib:g}",
+                      f"{p.bandwidth_gbs:g}", " ".join(p.precisions))
+    Console().print(table)
+
+
+@profiles.command("show")
+@click.argument("name")
+@user_errors
+def profiles_show(name):
+    """Print one profile file (a shipped name or a path), with its sources."""
+    from dllm_export.device_profiles import load_profile
+
+    profile = load_profile(name)
+    click.echo(f"# {profile.path}")
+    click.echo(profile.path.read_text(encoding="utf-8"), nl=False)
+
+
+@main.command()
+@click.argument("source", type=click.Path())
+@click.option("--profile", "profile_name", required=True,
+              help="Device profile name (dllm-export profiles) or a .yaml path.")
+@click.option("--precision", default=None, help="Engine precision (default: the artifact's, "
+              "or the profile's build precision).")
+@click.option("--seq-len", type=int, default=None, help="Canvas length (config only).")
+@click.option("--batch", type=int, default=None, help="Batch (config only).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@user_errors
+def plan(source, profile_name, precision, seq_len, batch, as_json):
+    """Will a checkpoint (config.json is enough) or an artifact fit a device?"""
+    from dllm_export.device_profiles import load_profile
+    from dllm_export.export.plan import plan_model, render_plan
+
+    result = plan_model(source, load_profile(profile_name), precision=precision,
+                        seq_len=seq_len, batch=batch)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        from rich.console import Console
+
+        render_plan(result, Console(highlight=False))
+
+
+@main.command()
+@click.argument("artifact_dir", type=click.Path())
+@click.option("--profile", "profile_name", required=True,
+              help="Device profile of this machine's GPU (name or .yaml path).")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(),
+              help="Engine directory to write.")
+@click.option("--precision", default=None,
+              help="fp16/bf16 for an fp32 artifact (default: the profile's); fixed otherwise.")
+@click.option("--via", type=click.Choice(["tensorrt", "ort-trt"]), default="tensorrt",
+              show_default=True, help="TensorRT's builder, or ONNX Runtime's TensorRT provider.")
+@click.option("--weight-streaming", is_flag=True,
+              help="Let weights that do not fit stay in host memory (discrete GPUs).")
+@click.option("--refittable", is_flag=True, help="Build an engine whose weights can be refit.")
+@click.option("--timing-cache", type=click.Path(), default=None,
+              help="Timing cache file (default: per GPU and TensorRT version in ~/.cache).")
+@click.option("--overwrite", is_flag=True)
+@user_errors
+def build(artifact_dir, profile_name, out_dir, precision, via, weight_streaming, refittable,
+          timing_cache, overwrite):
+    """Build a TensorRT engine for this machine's GPU from an ONNX artifact."""
+    from pathlib import Path
+
+    from dllm_export.device_profiles import load_profile
+    from dllm_export.export.build import BuildOptions, build_engine
+    from dllm_export.export.build_progress import ConsoleBuildProgress
+
+    options = BuildOptions(precision=precision, via=via, weight_streaming=weight_streaming,
+                           refittable=refittable, overwrite=overwrite,
+                           timing_cache=Path(timing_cache) if timing_cache else None)
+    profile = load_profile(profile_name)
+    with ConsoleBuildProgress(_console()) as progress:
+        manifest = build_engine(artifact_dir, profile, out_dir, options, report=progress)
+    done = manifest.get("build") or manifest.get("ort_tensorrt", {})
+    stats = {key: done[key] for key in ("seconds", "build_seconds", "peak_host_bytes",
+                                        "peak_device_bytes", "engine_bytes") if key in done}
+    click.echo(out_dir)
+    _console().print(" ".join(f"{k}={v}" for k, v in stats.items()), style="dim")
+
+
 if __name__ == "__main__":
     main()

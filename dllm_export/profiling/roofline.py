@@ -1,0 +1,140 @@
+"""The roofline of one denoiser forward (and of one autoregressive token, for comparison).
+
+A step can be no faster than the larger of two floors: its FLOPs at the device's dense
+tensor-core peak, and the bytes it must read at the device's memory bandwidth. This module
+is the one place those numbers are computed; ``plan`` and the profiling reports use it.
+
+What is counted:
+
+* FLOPs: 2 per multiply-add of every matrix product (attention projections, the quadratic
+  attention terms QK^T and PV, the MLP or the routed and shared experts, the router, the LM
+  head). Norms, softmax, RoPE and the decode head's reductions are left out (a few percent).
+* Bytes: every weight read once per forward. The embedding reads only the rows it gathers.
+  An MoE layer reads only the experts that some token routes to: with T tokens each picking
+  k of E experts uniformly, ``E * (1 - (1 - k/E)**T)`` distinct experts are hit, which is all
+  of them for a full canvas (T = 256, k = 8, E = 64 gives 63.99...). Activation traffic is
+  left out: fused kernels keep most of it on chip.
+
+The autoregressive equivalent is one new token per forward with a KV cache of ``context``
+tokens: every weight is read once to produce B tokens, and the cache is read too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dllm_export.precision import MATRIX_BYTES, activation_bytes, kept_bytes
+from dllm_export.profiling.model_shape import ModelShape
+
+
+@dataclass(frozen=True)
+class StepCost:
+    flops: float
+    bytes: float
+    compute_seconds: float
+    memory_seconds: float
+
+    @property
+    def floor_seconds(self) -> float:
+        return max(self.compute_seconds, self.memory_seconds)
+
+    @property
+    def bound(self) -> str:
+        """Which side of the roofline binds: "compute" or "memory"."""
+        return "compute" if self.compute_seconds >= self.memory_seconds else "memory"
+
+    @property
+    def arithmetic_intensity(self) -> float:
+        return self.flops / self.bytes if self.bytes else float("inf")
+
+    def as_dict(self) -> dict:
+        return {
+            "flops": self.flops,
+            "bytes": self.bytes,
+            "compute_ms": 1e3 * self.compute_seconds,
+            "memory_ms": 1e3 * self.memory_seconds,
+            "floor_ms": 1e3 * self.floor_seconds,
+            "bound": self.bound,
+            "flops_per_byte": self.arithmetic_intensity,
+        }
+
+
+def expected_experts_hit(experts: int, per_token: int, tokens: int) -> float:
+    """Expected distinct experts chosen when ``tokens`` tokens each pick ``per_token`` of
+    ``experts`` uniformly at random (real routers are skewed, so this is an upper bound)."""
+    if experts == 0:
+        return 0.0
+    return experts * (1.0 - (1.0 - per_token / experts) ** tokens)
+
+
+def weight_bytes(shape: ModelShape, precision: str) -> float:
+    """Bytes the weights occupy on the device at a precision (scales included)."""
+    return (shape.matrix_parameters() * MATRIX_BYTES[precision]
+            + shape.kept_parameters() * kept_bytes(precision))
+
+
+def matrix_flops(shape: ModelShape, tokens: int) -> float:
+    """FLOPs of every weight matrix applied to ``tokens`` tokens (attention projections,
+    MLP or router + routed experts + shared expert, LM head)."""
+    dense = 3 * shape.hidden * shape.dense_intermediate
+    moe = shape.hidden * shape.experts + shape.experts_per_token * shape.expert_matrices()
+    moe += 3 * shape.hidden * shape.shared_intermediate
+    per_token = (shape.layers * shape.attention_matrices() + shape.dense_layers * dense
+                 + shape.moe_layers * moe + shape.hidden * shape.vocab)
+    return 2.0 * tokens * per_token
+
+
+def attention_flops(shape: ModelShape, batch: int, queries: int, keys: int) -> float:
+    """FLOPs of QK^T and PV in every layer: the term quadratic in the canvas length."""
+    return shape.layers * 4.0 * batch * shape.heads * queries * keys * shape.head_dim
+
+
+def forward_flops(shape: ModelShape, batch: int, seq_len: int) -> float:
+    """FLOPs of one bidirectional denoiser forward over a [batch, seq_len] canvas."""
+    return matrix_flops(shape, batch * seq_len) + attention_flops(shape, batch, seq_len, seq_len)
+
+
+def bytes_read(shape: ModelShape, precision: str, tokens: int) -> float:
+    """Weight bytes one forward over ``tokens`` tokens must read (see the module doc)."""
+    all_experts = shape.moe_layers * shape.experts * shape.expert_matrices()
+    hit = expected_experts_hit(shape.experts, shape.experts_per_token, tokens)
+    routed = shape.moe_layers * hit * shape.expert_matrices()
+    matrices = shape.matrix_parameters() - all_experts + routed
+    table = shape.vocab * shape.hidden
+    # Kept weights minus the embedding table, of which only the gathered rows are read (a
+    # tied table is read whole as the LM head anyway).
+    kept = shape.kept_parameters() - (0 if shape.tied_embeddings else table)
+    kept += tokens * shape.hidden
+    return matrices * MATRIX_BYTES[precision] + kept * kept_bytes(precision)
+
+
+def _cost(flops: float, nbytes: float, profile, precision: str) -> StepCost:
+    return StepCost(
+        flops=flops,
+        bytes=nbytes,
+        compute_seconds=flops / profile.peak_flops(precision),
+        memory_seconds=nbytes / profile.bandwidth_bytes_per_s,
+    )
+
+
+def denoiser_step(shape: ModelShape, profile, precision: str, batch: int,
+                  seq_len: int) -> StepCost:
+    """The floor of one denoiser forward on a device profile.
+
+    Args:
+        shape: the model's sizes (``model_shape``).
+        profile: a ``DeviceProfile`` (peak throughput and bandwidth).
+        precision: one of ``precision.PRECISIONS``.
+        batch, seq_len: the fixed canvas.
+    """
+    return _cost(forward_flops(shape, batch, seq_len),
+                 bytes_read(shape, precision, batch * seq_len), profile, precision)
+
+
+def autoregressive_token(shape: ModelShape, profile, precision: str, batch: int,
+                         context: int) -> StepCost:
+    """The floor of one autoregressive decode step: ``batch`` new tokens, each attending to
+    a KV cache of ``context`` tokens (cache stored at the activation precision)."""
+    flops = matrix_flops(shape, batch) + attention_flops(shape, batch, 1, context)
+    cache = 2 * shape.layers * batch * context * shape.kv_width * activation_bytes(precision)
+    return _cost(flops, bytes_read(shape, precision, batch) + cache, profile, precision)

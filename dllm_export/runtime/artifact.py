@@ -1,0 +1,64 @@
+"""Open a directory made by ``export``/``quantize`` (ONNX) or ``build`` (TensorRT engine)
+and return the backend its manifest asks for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dllm_export.errors import DllmExportError
+from dllm_export.jsonio import read_json
+
+KINDS = ("onnx", "tensorrt")
+
+
+def read_manifest(directory: Path) -> dict:
+    """The manifest of an artifact or engine directory, refused unless marked valid."""
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        raise DllmExportError(
+            f"{directory}: no manifest.json; point to a directory written by dllm-export "
+            "export, quantize or build")
+    manifest = read_json(path)
+    if manifest.get("format", "dllm-export") != "dllm-export":
+        raise DllmExportError(f"{path}: format {manifest.get('format')!r} is not dllm-export")
+    if manifest.get("valid") is not True:
+        raise DllmExportError(
+            f"{path}: not marked valid (\"valid\": true); the stage that wrote it failed its "
+            "checks or did not finish: run it again")
+    return manifest
+
+
+def open_backend(directory: Path, provider: str = "cpu", threads: int | None = None):
+    """The backend for an artifact (ONNX Runtime) or an engine directory (TensorRT).
+
+    Args:
+        directory: what ``export``, ``quantize`` or ``build`` wrote.
+        provider: ONNX Runtime execution provider for ONNX artifacts ("cpu", ...).
+        threads: ONNX Runtime intra-op threads (None: its default).
+    Returns:
+        (backend, manifest)
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    kind = manifest.get("kind")
+    if kind == "tensorrt":
+        from dllm_export.runtime.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(directory, manifest), manifest
+    if kind == "onnx":
+        from dllm_export.runtime.backends.onnxruntime import OrtBackend
+
+        return OrtBackend(directory, manifest, provider=provider, threads=threads), manifest
+    raise DllmExportError(
+        f"{directory / 'manifest.json'}: kind {kind!r} is not one this runtime opens "
+        f"({', '.join(KINDS)})")
+
+
+def tensorrt_provider_options(directory: Path, manifest: dict) -> dict:
+    """ONNX Runtime TensorRT-EP options recorded by ``build --via ort-trt``, with the cache
+    folders made absolute (the EP resolves relative paths against the working directory)."""
+    options = dict((manifest.get("execution_provider") or {}).get("options") or {})
+    for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
+        if key in options:
+            options[key] = str((Path(directory) / options[key]).resolve())
+    return options

@@ -1,0 +1,177 @@
+"""The TensorRT backend: an engine directory from ``dllm-export build`` on its GPU.
+
+No torch. TensorRT (``tensorrt`` or ``tensorrt_rtx``, as the manifest says) and cuda-python
+are imported when a backend is created. Every I/O tensor lives in device memory for the
+backend's lifetime; a step uploads the canvas (and the attention mask only when it changed),
+runs the engine (replaying a CUDA graph captured on the first step where TensorRT allows it)
+and downloads only the decode head's outputs: ``[B, L, 2K + S + 1]`` numbers, not ``[B, L, V]``.
+
+Engines are tied to the TensorRT version and the GPU they were built with. Opening one
+elsewhere is refused up front, with the command that rebuilds it, instead of TensorRT's
+"Serialization assertion ... Version tag does not match".
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dllm_export.errors import DllmExportError
+from dllm_export.runtime.backends.base import Backend
+from dllm_export.runtime.prediction import Prediction
+
+DECODE_OUTPUTS = ("topk_ids", "topk_logprobs", "neg_entropy", "special_logprobs")
+INSTALL_HINT = {
+    "tensorrt": (
+        "on a Jetson it ships with JetPack (sudo apt install nvidia-jetpack; use the system "
+        "python3, or a venv made with --system-site-packages); on a desktop or server: "
+        "pip install tensorrt-cu12 (or tensorrt-cu13) --extra-index-url https://pypi.nvidia.com"
+    ),
+    "tensorrt_rtx": (
+        "install TensorRT for RTX from https://developer.nvidia.com/tensorrt-rtx (Python "
+        "module tensorrt_rtx), or rebuild with a profile whose engine_library is tensorrt"
+    ),
+}
+
+
+def import_engine_library(library: str = "tensorrt"):
+    """Import ``tensorrt`` or ``tensorrt_rtx``, or say in one line how to get it."""
+    if library not in INSTALL_HINT:
+        raise DllmExportError(f"engine library {library!r} is not one of "
+                              f"{', '.join(INSTALL_HINT)}")
+    try:
+        return importlib.import_module(library)
+    except ImportError as err:
+        product = "TensorRT" if library == "tensorrt" else "TensorRT for RTX"
+        raise DllmExportError(
+            f"{product} is not installed (import {library} failed: {err}); "
+            f"{INSTALL_HINT[library]}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class RunningStack:
+    """What this machine has: compared with what an engine was built with."""
+
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+
+
+def check_engine_compatibility(manifest: dict, running: RunningStack, directory: Path) -> None:
+    """Refuse an engine built for another TensorRT version or GPU, in one line.
+
+    Args:
+        manifest: the engine directory's manifest (``tensorrt_version``, ``gpu_name``,
+            ``compute_capability``, ``profile``, ``source_artifact``).
+        running: this machine's TensorRT version and GPU.
+        directory: the engine directory, named in the message.
+    """
+    built = []
+    if manifest.get("tensorrt_version") != running.tensorrt_version:
+        built.append(f"TensorRT {manifest.get('tensorrt_version')} "
+                     f"(this machine has {running.tensorrt_version})")
+    if manifest.get("compute_capability") != running.compute_capability:
+        built.append(f"compute capability {manifest.get('compute_capability')} "
+                     f"(this GPU, {running.gpu_name}, is {running.compute_capability})")
+    elif manifest.get("gpu_name") != running.gpu_name:
+        built.append(f"{manifest.get('gpu_name')} (this GPU is {running.gpu_name})")
+    if not built:
+        return
+    source = (manifest.get("source_artifact") or {}).get("path", "ARTIFACT")
+    raise DllmExportError(
+        f"{directory}: engine was built for {' and '.join(built)}; engines do not move "
+        f"between GPUs or TensorRT versions: rebuild it here with dllm-export build {source} "
+        f"--profile {manifest.get('profile', 'PROFILE')} -o NEW_ENGINE_DIR"
+    )
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+
+    def __init__(self, directory: Path, manifest: dict):
+        from dllm_export.runtime import cuda
+
+        self.directory = Path(directory)
+        trt = import_engine_library(manifest.get("engine_library", "tensorrt"))
+        gpu = cuda.gpu_info()
+        check_engine_compatibility(
+            manifest, RunningStack(trt.__version__, gpu.name, gpu.compute_capability),
+            self.directory)
+        self.seq_len = manifest["shapes"]["seq_len"]
+        self.batch_size = manifest["shapes"]["batch"]
+        self.topk = manifest.get("topk", 8)
+        self.special_ids = tuple(manifest.get("special_ids", ()))
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        engine_bytes = (self.directory / manifest["engine"]).read_bytes()
+        self.engine = self._runtime.deserialize_cuda_engine(engine_bytes)
+        if self.engine is None:
+            raise DllmExportError(f"{self.directory / manifest['engine']}: TensorRT could not "
+                                  "load the engine (see its log above); rebuild it")
+        budget = manifest.get("build", {}).get("weight_streaming_budget_bytes")
+        if budget is not None:  # the part of the weights kept on the device
+            self.engine.weight_streaming_budget_v2 = int(budget)
+        self.context = self.engine.create_execution_context()
+        self.stream = cuda.Stream()
+        self.buffers, self.host = {}, {}
+        for index in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(index)
+            shape = tuple(self.engine.get_tensor_shape(name))
+            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+            self.host[name] = np.zeros(shape, dtype)
+            self.buffers[name] = cuda.DeviceBuffer(self.host[name].nbytes)
+            self.context.set_tensor_address(name, self.buffers[name].ptr)
+        self._last_mask = None
+        self._capture_tried = False
+
+    def _launch(self) -> bool:
+        return self.context.execute_async_v3(self.stream.handle)
+
+    def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs) -> dict:
+        self.host["input_ids"][...] = input_ids
+        self.stream.upload(self.buffers["input_ids"], self.host["input_ids"])
+        if self._last_mask is None or not np.array_equal(self._last_mask, attention_mask):
+            self.host["attention_mask"][...] = attention_mask
+            self.stream.upload(self.buffers["attention_mask"], self.host["attention_mask"])
+            self._last_mask = attention_mask.copy()
+        if self.stream.captured:
+            self.stream.replay()
+        elif not self._launch():
+            raise DllmExportError(f"{self.directory}: TensorRT failed to run the engine "
+                                  "(see its log above)")
+        elif not self._capture_tried:
+            # TensorRT finishes its lazy setup on the first enqueue, so capture after it;
+            # tensor addresses never change, so the graph stays valid for every later step.
+            self._capture_tried = True
+            self.stream.synchronize()
+            self.stream.capture(self._launch)
+        for name in outputs:
+            self.stream.download(self.host[name], self.buffers[name])
+        self.stream.synchronize()
+        return {name: self.host[name].copy() for name in outputs}
+
+    def _run_predict(self, input_ids, attention_mask) -> Prediction:
+        if "topk_ids" not in self.host:
+            raise DllmExportError(f"{self.directory}: the engine has no decode-head outputs "
+                                  "(exported with --outputs logits); use an artifact exported "
+                                  "with --outputs decode")
+        out = self._forward(input_ids, attention_mask, DECODE_OUTPUTS)
+        return Prediction(out["topk_ids"].astype(np.int64), out["topk_logprobs"],
+                          out["neg_entropy"], out["special_logprobs"], self.special_ids)
+
+    def _run_logits(self, input_ids, attention_mask) -> np.ndarray:
+        if "logits" not in self.host:
+            return super()._run_logits(input_ids, attention_mask)
+        return self._forward(input_ids, attention_mask, ("logits",))["logits"]
+
+    def close(self) -> None:
+        if getattr(self, "stream", None) is not None:
+            self.stream.close()
+            self.stream = None
+        for buffer in getattr(self, "buffers", {}).values():
+            buffer.free()
+        self.buffers = {}
