@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dllm_export.checkpoint import open_checkpoint, read_safetensors_header, resolve_special_tokens
+from dllm_export.checkpoint import (
+    open_checkpoint,
+    read_safetensors_header,
+    resolve_special_tokens,
+)
 from dllm_export.models import family_module
 
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5}

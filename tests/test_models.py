@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from references import reference_logits
 
 from dllm_export.models import load_model, set_moe_strategy
 from dllm_export.models.moe import softmax_topk
-from references import reference_logits
 
 FAMILIES = ("llada", "llada-moe", "dream")
 # float32 on the same weights: the formulations differ only in operation order.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

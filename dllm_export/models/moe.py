@@ -165,7 +165,7 @@ class SparseMoeBlock(nn.Module):
                 fc1t[index, :, 1::2] = expert.up_proj.weight.T
                 fc2t[index] = expert.down_proj.weight.T
                 views = (fc1t[index, :, 0::2].T, fc1t[index, :, 1::2].T, fc2t[index].T)
-                for linear, view in zip((expert.gate_proj, expert.up_proj, expert.down_proj), views):
+                for linear, view in zip((expert.gate_proj, expert.up_proj, expert.down_proj), views, strict=True):
                     linear.weight = nn.Parameter(view, requires_grad=False)
         self.fc1t, self.fc2t = fc1t, fc2t
 

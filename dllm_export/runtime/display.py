@@ -25,7 +25,7 @@ class CanvasView:
         tokenizer = self.generator.tokenizer
         mask_id = self.generator.special.mask_id
         pieces = []
-        for token, new in zip(canvas_row, fresh):
+        for token, new in zip(canvas_row, fresh, strict=True):
             if token == mask_id:
                 pieces.append(f"[dim]{MASK_GLYPH}[/]")
                 continue
