@@ -234,8 +234,10 @@ def _dream_loop(stepper, canvas, prompt_length, config, special, rng, on_step, r
             confidence, x0 = sampling.dream_candidates(
                 pred, config.alg, config.temperature, config.top_p, config.top_k, rng)
             confidence = np.where(masked, confidence, sampling.NEG_INF)
-            # The reference averages the mask count over the batch, in float32.
-            average = np.float32(masked.sum()) / np.float32(batch)
+            # The reference averages the mask count over the batch, in float32. Rows that
+            # exited early had their masks filled; without early exit they would hold as
+            # many as the others (every row commits the same count), so average the rest.
+            average = np.float32(masked.sum()) / np.float32((~done).sum())
             count = int(average * (np.float32(1) - s / t)) if not last else int(average)
             counts = np.full(batch, count)
             if config.alg_temp:

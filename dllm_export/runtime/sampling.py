@@ -121,18 +121,21 @@ def llada_transfer_counts(mask_counts: np.ndarray, steps: int) -> np.ndarray:
 def torch_linspace_f32(start: float, end: float, count: int) -> np.ndarray:
     """``torch.linspace(start, end, count)`` in float32, element for element.
 
-    torch fills the first half from ``start`` and the second half back from ``end``; Dream's
-    transfer counts truncate products of these values, so the last bit matters.
+    torch fills the first half as ``start + step * i`` and the second half as
+    ``end - step * (count - 1 - i)``, each a fused multiply-add rounded once to float32.
+    Dream's transfer counts truncate products of these values, so the last bit matters.
     """
     if count == 1:
         return np.array([start], dtype=np.float32)
     start32, end32 = np.float32(start), np.float32(end)
-    step = (end32 - start32) / np.float32(count - 1)
-    index = np.arange(count)
-    halfway = count // 2
-    first = start32 + step * index.astype(np.float32)
-    second = end32 - step * (count - 1 - index).astype(np.float32)
-    return np.where(index < halfway, first, second).astype(np.float32)
+    step = np.float64((end32 - start32) / np.float32(count - 1))
+    index = np.arange(count, dtype=np.float64)
+    # In float64 the products (a float32 times an integer below 2**24) are exact, and so
+    # are the sums while no term is below 1e-9 of the largest (Dream: 1 .. eps >= 1e-9),
+    # so the one rounding to float32 below is the fused multiply-add's.
+    first = np.float64(start32) + step * index
+    second = np.float64(end32) - step * (count - 1 - index)
+    return np.where(index < count // 2, first, second).astype(np.float32)
 
 
 def select_top(confidence: np.ndarray, counts: np.ndarray) -> np.ndarray:
