@@ -409,5 +409,86 @@ def build(artifact_dir, profile_name, out_dir, precision, via, weight_streaming,
     _console().print(" ".join(f"{k}={v}" for k, v in stats.items()), style="dim")
 
 
+@main.command("profile")
+@click.argument("target", required=False, type=click.Path())
+@click.option("--profile", "profile_name", default=None,
+              help="Device profile name (dllm-export profiles) or a .yaml path.")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default=None,
+              help="Default: what TARGET runs on (checkpoint: torch, artifact: onnxruntime, "
+                   "engine: tensorrt).")
+@click.option("--prompts", "prompts_file", type=click.Path(), default=None,
+              help="One prompt per line (or .jsonl with a \"prompt\" field).")
+@click.option("--chat/--no-chat", default=True, show_default=True)
+@click.option("--sweep", "sweeps", multiple=True, help="KEY=V1,V2,... for threshold, "
+              "block_length, steps, gen_length, seq_len or precision (repeatable).")
+@click.option("--runs", default=5, show_default=True, help="Timed generations per point.")
+@click.option("--warmup", default=1, show_default=True, help="Untimed generations first.")
+@click.option("--threads", type=int, default=None, help="CPU threads (torch and ONNX Runtime).")
+@click.option("--device", default="cpu", show_default=True, help="torch device.")
+@click.option("--provider", default="cpu", show_default=True,
+              type=click.Choice(["cpu", "cuda", "tensorrt"]), help="ONNX Runtime provider.")
+@click.option("--dtype", default="fp32", show_default=True,
+              type=click.Choice(["fp32", "bf16", "fp16"]), help="torch weights.")
+@click.option("--seq-len", type=int, default=None,
+              help="torch: a fixed canvas; checkpoint on onnxruntime: the export length.")
+@click.option("--moe", type=click.Choice(["dense", "sparse", "ort"]), default=None,
+              help="MoE strategy of artifacts profile exports (default: sparse).")
+@click.option("--no-autoregressive", is_flag=True, help="Skip the autoregressive baseline.")
+@click.option("--quality", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True, help="Task accuracy per point (auto: on the default model).")
+@click.option("--quality-examples", default=20, show_default=True, help="Per task.")
+@click.option("--in-process", is_flag=True, help="Measure here instead of a process per job.")
+@click.option("--cache-dir", type=click.Path(), default=None,
+              help="Artifacts profile exports (default: ~/.cache/dllm-export/profile).")
+@click.option("--compare", "compare_dirs", multiple=True, type=click.Path(),
+              help="Report directories to put side by side (no TARGET then).")
+@click.option("-o", "--out", "out_dir", type=click.Path(), default=None,
+              help="Report directory (default: profile-TARGET-PROFILE).")
+@click.option("--json", "as_json", is_flag=True, help="Print the headline as JSON.")
+@sampler_options
+@user_errors
+def profile_command(target, profile_name, backend, prompts_file, chat, sweeps, runs, warmup,
+                    threads, device, provider, dtype, seq_len, moe, no_autoregressive, quality,
+                    quality_examples, in_process, cache_dir, compare_dirs, out_dir, as_json,
+                    **kwargs):
+    """Measure latency, tokens/s and memory against the roofline and autoregressive decoding."""
+    import shlex
+    from pathlib import Path
+
+    from dllm_export.profiling.report import compare_reports, write_report
+
+    if compare_dirs:
+        if target or profile_name:
+            raise DllmExportError("--compare takes report directories only (no TARGET, no "
+                                  "--profile)")
+        written = compare_reports(list(compare_dirs), out_dir or "profile-compare")
+        click.echo(str(written["markdown"]))
+        return
+    if not target or not profile_name:
+        raise DllmExportError("profile needs TARGET and --profile (or --compare DIR DIR ...)")
+    from dllm_export.profiling.progress import ProfileProgress
+    from dllm_export.profiling.runner import ProfileOptions, profile_target, read_prompts
+
+    options = ProfileOptions(
+        profile=profile_name, backend=backend, sampler=_sampler_overrides(kwargs),
+        prompts=read_prompts(prompts_file) if prompts_file else None, chat=chat,
+        sweeps=list(sweeps), warmup=warmup, runs=runs, threads=threads, device=device,
+        provider=provider, dtype=dtype, seq_len=seq_len, moe=moe,
+        autoregressive=not no_autoregressive, quality=quality,
+        quality_examples=quality_examples, isolate=not in_process,
+        **({"cache_dir": Path(cache_dir)} if cache_dir else {}))
+    with ProfileProgress(_console()) as progress:
+        result = profile_target(target, options, report=progress)
+    out_dir = out_dir or f"profile-{Path(target).resolve().name}-{Path(profile_name).stem}"
+    command = "dllm-export " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    written = write_report(result, out_dir, command=command)
+    if as_json:
+        click.echo(json.dumps(result["headline"], indent=2))
+    else:
+        _console().print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in result["headline"].items()), style="dim")
+        click.echo(str(written["markdown"]))
+
+
 if __name__ == "__main__":
     main()

@@ -131,10 +131,38 @@ def denoiser_step(shape: ModelShape, profile, precision: str, batch: int,
                  bytes_read(shape, precision, batch * seq_len), profile, precision)
 
 
+def kv_cache_bytes(shape: ModelShape, precision: str, batch: int, context: int) -> float:
+    """Bytes of the keys and values of ``context`` tokens (stored at the activation
+    precision), which an autoregressive step reads on top of the weights."""
+    return 2 * shape.layers * batch * context * shape.kv_width * activation_bytes(precision)
+
+
 def autoregressive_token(shape: ModelShape, profile, precision: str, batch: int,
                          context: int) -> StepCost:
     """The floor of one autoregressive decode step: ``batch`` new tokens, each attending to
     a KV cache of ``context`` tokens (cache stored at the activation precision)."""
     flops = matrix_flops(shape, batch) + attention_flops(shape, batch, 1, context)
-    cache = 2 * shape.layers * batch * context * shape.kv_width * activation_bytes(precision)
+    cache = kv_cache_bytes(shape, precision, batch, context)
     return _cost(flops, bytes_read(shape, precision, batch) + cache, profile, precision)
+
+
+def bytes_by_part(shape: ModelShape, precision: str, tokens: int) -> dict:
+    """``bytes_read`` split so that MoE effects show: the routed experts one forward over
+    ``tokens`` tokens is expected to hit, and everything else it reads."""
+    hit = expected_experts_hit(shape.experts, shape.experts_per_token, tokens)
+    experts = shape.moe_layers * hit * shape.expert_matrices() * MATRIX_BYTES[precision]
+    total = bytes_read(shape, precision, tokens)
+    return {"tokens": tokens, "experts_hit_per_layer": hit,
+            "experts_per_layer": shape.experts, "expert_bytes": experts,
+            "other_bytes": total - experts, "total_bytes": total}
+
+
+def achieved(cost: StepCost, seconds: float) -> dict:
+    """What a measured step time means against its floor: how far above it, and the
+    bandwidth and throughput it would take to do the step's work in that time."""
+    if not seconds or seconds <= 0:
+        return {}
+    return {"measured_ms": 1e3 * seconds,
+            "measured_over_floor": seconds / cost.floor_seconds,
+            "achieved_gb_per_s": cost.bytes / seconds / 1e9,
+            "achieved_tflop_per_s": cost.flops / seconds / 1e12}
