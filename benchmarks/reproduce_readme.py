@@ -79,6 +79,30 @@ def run_profile(model: Path, backend: str, args, sweeps, sampler) -> dict:
     return result
 
 
+def preface(results: dict, what: str, args) -> list[str]:
+    """What the comparison page says before its table: the run, the machine, the caveats."""
+    machine = results["torch"]["machine"]
+    loads = [
+        r["machine"][k]["load_average_1min"]
+        for r in results.values()
+        for k in ("load_before", "load_after")
+    ]
+    return [
+        f"Made by `python -m benchmarks.reproduce_readme` with {what}; canvas "
+        f"{args.seq_len} tokens, batch 1, {args.runs} timed generations after "
+        f"{args.warmup} warm-up ones per point.",
+        "",
+        f"Roofline: the `cpu` device profile ({results['torch']['device_profile']['description']}). "
+        f"Measured on {machine['processor']} with {machine['load_before']['cpus']} CPUs "
+        f"shared with other jobs (1-minute load {min(loads):.1f} to {max(loads):.1f}), "
+        f"{args.threads} thread per backend, each measurement in its own process: compare "
+        "medians, and read p90/p99 as the noise of a shared machine.",
+        "",
+        "No GPU here: the TensorRT and CUDA paths were not run.",
+        "",
+    ]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "profiling" / "cpu")
@@ -115,7 +139,11 @@ def main():
         results[backend] = run_profile(model, backend, args, sweeps, sampler)
     from dllm_export.profiling.report import compare_reports
 
-    compare_reports([args.out / "torch", args.out / "onnxruntime"], args.out)
+    compare_reports(
+        [args.out / "torch", args.out / "onnxruntime"],
+        args.out,
+        preface=preface(results, what, args),
+    )
     headline = {backend: result["headline"] for backend, result in results.items()}
     print(
         json.dumps(

@@ -106,7 +106,7 @@ def _versus(p: dict) -> list[str]:
     return lines + _table(
         [
             "forward",
-            "new positions",
+            "tokens in the forward",
             "measured ms",
             "floor ms",
             "bound",
@@ -301,8 +301,10 @@ def render_profile(p: dict, plots: list[str]) -> str:
     return "\n".join(lines)
 
 
-def render_compare(rows: list[dict], plot: str) -> str:
-    lines = ["# Profiles side by side", ""]
+def render_compare(
+    rows: list[dict], plot: str, preface: list[str] | None = None
+) -> str:
+    lines = ["# Profiles side by side", "", *(preface or [])]
     lines += _table(
         [
             "profile",
@@ -339,7 +341,8 @@ def render_compare(rows: list[dict], plot: str) -> str:
     lines += [
         f"![{plot}]({plot})",
         "",
-        "Sources: " + ", ".join(f"`{r['source']}`" for r in rows),
+        "Reports: "
+        + ", ".join(f"[{r['label']}]({r['source']}/README.md)" for r in rows),
         "",
     ]
     return "\n".join(lines)

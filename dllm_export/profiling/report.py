@@ -5,6 +5,7 @@ PNG plots for people; and ``compare`` to put several profiles side by side.
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 from dllm_export.errors import DllmExportError
@@ -193,8 +194,13 @@ COMPARE_COLUMNS = (
 )
 
 
-def compare_reports(report_dirs: list, out_dir) -> dict:
-    """Put several profiles side by side: compare.json, compare.csv, README.md, a plot."""
+def compare_reports(
+    report_dirs: list, out_dir, preface: list[str] | None = None
+) -> dict:
+    """Put several profiles side by side: compare.json, compare.csv, README.md, a plot.
+
+    ``preface``: markdown lines placed under the page title (what was run, and why).
+    """
     from dllm_export.profiling.markdown import render_compare
     from dllm_export.profiling.plots import compare_tokens
 
@@ -208,7 +214,8 @@ def compare_reports(report_dirs: list, out_dir) -> dict:
             "created": r["created"],
             **r["headline"],
             "machine_load": r["machine"]["load_before"].get("load_average_1min"),
-            "source": str(d),
+            # relative, so that the page's links work wherever the folder is copied
+            "source": os.path.relpath(Path(d).resolve(), Path(out_dir).resolve()),
         }
         for label, r, d in zip(labels, reports, report_dirs, strict=True)
     ]
@@ -221,7 +228,7 @@ def compare_reports(report_dirs: list, out_dir) -> dict:
     _write_csv(out_dir / "compare.csv", rows, COMPARE_COLUMNS)
     plot = compare_tokens(reports, labels, out_dir / "compare_tokens.png")
     markdown = out_dir / "README.md"
-    markdown.write_text(render_compare(rows, plot.name), encoding="utf-8")
+    markdown.write_text(render_compare(rows, plot.name, preface), encoding="utf-8")
     return {
         "json": out_dir / "compare.json",
         "csv": out_dir / "compare.csv",
