@@ -490,5 +490,57 @@ def profile_command(target, profile_name, backend, prompts_file, chat, sweeps, r
         click.echo(str(written["markdown"]))
 
 
+@main.command()
+@click.argument("artifact_dir", type=click.Path())
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(),
+              help="Quantised artifact directory.")
+@click.option("--precision", required=True, type=click.Choice(["int8", "fp8", "int4"]))
+@click.option("--method", default=None, help="int8: minmax, entropy, percentile, "
+              "modelopt-max, modelopt-entropy, nbits; int4: nbits, awq_clip, rtn_dq; fp8: "
+              "modelopt-max, modelopt-entropy (default: by precision and --profile).")
+@click.option("--calib", default=None, help="Calibration data: a .txt or .jsonl file, or "
+              "'tasks' / 'generic' (default: built in for the model).")
+@click.option("--samples", default=64, show_default=True, help="Calibration states.")
+@click.option("--calib-mode", default="mixed", show_default=True,
+              type=click.Choice(["mixed", "forward", "trajectory"]),
+              help="Forward-process states, the float model's own trajectories, or both.")
+@click.option("--exclude", multiple=True, help="Keep nodes matching this name pattern "
+              "(fnmatch) or op type in high precision; repeatable.")
+@click.option("--quantize-router", is_flag=True, help="Quantise MoE routers too.")
+@click.option("--profile", "profile_name", default=None,
+              help="Target device profile: refuses precisions it lacks, picks the format.")
+@click.option("--min-agreement", type=float, default=None,
+              help="Gate bar: masked top-1 agreement at the worst mask ratio.")
+@click.option("--max-elbo-increase", type=float, default=None,
+              help="Gate bar: relative increase of ELBO bits per token.")
+@click.option("--max-task-drop", type=float, default=None,
+              help="Gate bar: drop of mean task accuracy (default model).")
+@click.option("--min-generation-agreement", type=float, default=None,
+              help="Gate bar: share of equal tokens in temperature-0 generations.")
+@click.option("--no-gate", is_flag=True, help="Skip the quality gate (artifact still valid).")
+@click.option("--install-modelopt", is_flag=True,
+              help="Create ModelOpt's own environment on first use (~2 GB).")
+@click.option("--overwrite", is_flag=True)
+@user_errors
+def quantize(artifact_dir, out_dir, precision, method, calib, samples, calib_mode, exclude,
+             quantize_router, profile_name, min_agreement, max_elbo_increase, max_task_drop,
+             min_generation_agreement, no_gate, install_modelopt, overwrite):
+    """Quantise an fp32 artifact (INT8, FP8, INT4) and judge it against the float one."""
+    from dllm_export.calibration.quantize import QuantizeOptions, quantize_artifact
+
+    bars = {"min_agreement": min_agreement, "max_elbo_increase": max_elbo_increase,
+            "max_task_drop": max_task_drop, "min_generation_agreement": min_generation_agreement}
+    options = QuantizeOptions(
+        precision=precision, method=method, calib=calib, samples=samples,
+        calib_mode=calib_mode, exclude=tuple(exclude), quantize_router=quantize_router,
+        profile=profile_name, bars={k: v for k, v in bars.items() if v is not None},
+        gate=not no_gate, install_modelopt=install_modelopt, overwrite=overwrite)
+    with _StageProgress() as progress:
+        manifest = quantize_artifact(artifact_dir, out_dir, options, report=progress)
+    from dllm_export.calibration.report import print_quantization
+
+    print_quantization(out_dir, manifest, _console())
+
+
 if __name__ == "__main__":
     main()

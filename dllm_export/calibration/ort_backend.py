@@ -1,0 +1,238 @@
+"""ONNX Runtime's quantisation tools (``onnxruntime.quantization``), in this environment.
+
+* ``int8_qdq``: static INT8 in the Q/DQ format, weights per output channel, activations per
+  tensor, both symmetric (every zero point is 0), so the same graph runs on ONNX Runtime
+  and parses in TensorRT (which accepts symmetric quantisation only). Activation ranges come
+  from the calibration states with MinMax, Entropy or Percentile.
+* ``weight_only_nbits``: INT4 or INT8 weights in ``com.microsoft::MatMulNBits`` blocks
+  (round-to-nearest, symmetric, block 32): ONNX Runtime only, no calibration needed.
+
+Both want linear layers as ``MatMul`` with 2-D weights: ``prepare_graph`` first rewrites the
+exporter's ``Gemm`` nodes (transposed weights, optional bias) into ``MatMul`` (+ ``Add``);
+MatMulNBits does not take Gemm at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from dllm_export.calibration.states import CanvasState, batched
+
+INT8_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+NBITS_BLOCK = 32
+# The calibrators keep every calibrated tensor of every batch they are given; feeding them a
+# few batches at a time (CalibStridedMinMax, which merges ranges and histograms between
+# strides) keeps a large model's calibration within memory. (CalibMaxIntermediateOutputs
+# is no help: in onnxruntime 1.32 it drops the collected data without using it.)
+STRIDE = 4
+
+
+def _attr(node, name, default):
+    for attr in node.attribute:
+        if attr.name == name:
+            return attr.f if attr.type == attr.FLOAT else attr.i
+    return default
+
+
+def gemm_to_matmul(model) -> int:
+    """Rewrite weight-bearing ``Gemm`` nodes as ``MatMul`` (+ ``Add`` for a bias), in place.
+
+    Node ``<path>/Gemm`` becomes ``<path>/MatMul``; a transposed weight is stored transposed
+    so the MatMul weight is ``[in, out]``. Returns how many nodes were rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    names = {n.name for n in model.graph.node}
+    rewritten = []
+    for node in model.graph.node:
+        if (
+            node.op_type != "Gemm"
+            or node.input[1] not in initializers
+            or _attr(node, "transA", 0)
+            or _attr(node, "alpha", 1.0) != 1.0
+            or _attr(node, "beta", 1.0) != 1.0
+        ):
+            rewritten.append(node)
+            continue
+        weight = initializers[node.input[1]]
+        if _attr(node, "transB", 0):
+            array = np.ascontiguousarray(numpy_helper.to_array(weight).T)
+            weight.CopyFrom(numpy_helper.from_array(array, weight.name))
+        base = node.name.rsplit("/", 1)[0]
+        name = (
+            f"{base}/MatMul" if f"{base}/MatMul" not in names else f"{node.name}/MatMul"
+        )
+        has_bias = len(node.input) > 2 and node.input[2]
+        out = node.output[0] + "_matmul" if has_bias else node.output[0]
+        rewritten.append(
+            helper.make_node("MatMul", [node.input[0], node.input[1]], [out], name=name)
+        )
+        if has_bias:
+            rewritten.append(
+                helper.make_node(
+                    "Add",
+                    [out, node.input[2]],
+                    [node.output[0]],
+                    name=f"{base}/Add_bias",
+                )
+            )
+    count = sum(n.op_type == "Gemm" for n in model.graph.node) - sum(
+        n.op_type == "Gemm" for n in rewritten
+    )
+    del model.graph.node[:]
+    model.graph.node.extend(rewritten)
+    # Recorded shapes of transposed weights are stale; shape inference redoes them all.
+    del model.graph.value_info[:]
+    return count
+
+
+def prepare_graph(src: Path, dst: Path) -> None:
+    """Copy ``src`` (with its weights) to ``dst`` with Gemm rewritten as MatMul."""
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=True)
+    gemm_to_matmul(model)
+    save_model(model, dst)
+
+
+def save_model(model, path: Path) -> None:
+    """Save with every weight in ``<name>.data`` beside the graph."""
+    import onnx
+
+    path = Path(path)
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=1024,
+    )
+
+
+class StatesReader:
+    """``onnxruntime.quantization.CalibrationDataReader`` over calibration states."""
+
+    def __init__(self, states: list[CanvasState], batch: int, progress=None):
+        self.batches = list(batched(states, batch))
+        self.index, self.end = 0, len(self.batches)
+        self.progress = progress
+
+    def __len__(self):
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int):
+        """The strided calibration reads the batches a few at a time."""
+        self.index, self.end = start_index, min(end_index, len(self.batches))
+
+    def get_next(self):
+        if self.index >= self.end:
+            return None
+        ids, attention = self.batches[self.index]
+        self.index += 1
+        if self.progress:
+            self.progress("calibrate", f"batch {self.index}/{len(self.batches)}")
+        return {"input_ids": ids, "attention_mask": attention}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime.quantization logs every node at INFO and prints advice; keep it off the
+    progress line."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            yield
+        finally:
+            root.setLevel(level)
+
+
+def int8_qdq(
+    prepared: Path,
+    out: Path,
+    nodes: list[str],
+    states: list[CanvasState],
+    batch: int,
+    method: str = "minmax",
+    progress=None,
+) -> None:
+    """Static INT8 Q/DQ of ``nodes`` (per-channel symmetric weights, symmetric activations).
+
+    Args:
+        prepared: the float graph after ``prepare_graph``.
+        out: the graph to write (weights in ``out.name + '.data'``).
+        nodes: node names to quantise (``recipes.select_nodes``).
+        states: calibration states.
+        batch: the artifact's fixed batch.
+        method: "minmax", "entropy" or "percentile".
+    """
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    reader = StatesReader(states, batch, progress)
+    stride = max(d for d in range(1, STRIDE + 1) if len(reader) % d == 0)
+    extra = {
+        "ActivationSymmetric": True,
+        "WeightSymmetric": True,
+        "CalibStridedMinMax": stride,
+    }
+    with _quiet():
+        quantize_static(
+            str(prepared),
+            str(out),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=nodes,
+            use_external_data_format=True,
+            calibrate_method=getattr(CalibrationMethod, INT8_METHODS[method]),
+            extra_options=extra,
+        )
+
+
+def weight_only_nbits(
+    prepared: Path,
+    out: Path,
+    nodes: list[str],
+    bits: int,
+    block_size: int = NBITS_BLOCK,
+) -> None:
+    """``MatMulNBits`` (round-to-nearest, symmetric) for ``nodes``; other MatMuls stay."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(prepared), load_external_data=True)
+    others = [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "MatMul" and n.name not in nodes
+    ]
+    with _quiet():
+        quantizer = MatMulNBitsQuantizer(
+            model,
+            bits=bits,
+            block_size=block_size,
+            is_symmetric=True,
+            accuracy_level=4,
+            nodes_to_exclude=others,
+            nodes_to_include=nodes,
+        )
+        quantizer.process()
+    save_model(quantizer.model.model, out)

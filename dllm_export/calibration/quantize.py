@@ -1,0 +1,351 @@
+"""``quantize``: a float artifact in, a quantised artifact out, judged by the quality gate.
+
+Steps: read the float artifact's manifest (it must be valid fp32), pick the method for the
+precision and target profile, collect calibration states (``collect.py``), rewrite Gemm as
+MatMul (``ort_backend.prepare_graph``), quantise the selected linear layers with ONNX
+Runtime or ModelOpt, write the logits variant, lint Q/DQ graphs for TensorRT, run the gate
+against the float artifact, and write the manifest. The directory appears only when
+complete; a candidate that misses a bar is written with ``"valid": false`` and the command
+fails, unless the bars are overridden.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import shutil
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from dllm_export.calibration import methods as method_table
+from dllm_export.calibration.gate import DEFAULT_BARS, GateSettings
+from dllm_export.calibration.recipes import Recipe, select_nodes
+from dllm_export.errors import DllmExportError
+from dllm_export.jsonio import atomic_directory, write_json
+
+WORK = ".work"  # scratch folder inside the partial output, removed before it is renamed
+
+
+@dataclass
+class QuantizeOptions:
+    precision: str = "int8"
+    method: str | None = None  # None: the default for the precision and target
+    calib: str | None = None  # a .txt/.jsonl path or a source name; None: built in
+    samples: int = 64  # calibration states
+    calib_mode: str = "mixed"  # "mixed", "forward" or "trajectory"
+    exclude: tuple[str, ...] = ()
+    quantize_router: bool = False
+    quantize_head: bool = False  # library only: for experiments and the gate's tests
+    profile: str | None = None  # target device profile (name or path)
+    bars: dict = field(
+        default_factory=dict
+    )  # GateBars overrides, e.g. {"min_agreement": 0.8}
+    gate_samples: int = 16  # held-out problems per task in the gate
+    gate_mc_num: int = 16  # Monte-Carlo copies per sequence for the gate's ELBO
+    gate: bool = True
+    install_modelopt: bool = False
+    overwrite: bool = False
+
+
+def _check_source(artifact_dir: Path, manifest: dict) -> None:
+    if manifest.get("kind") != "onnx":
+        raise DllmExportError(
+            f"{artifact_dir}: quantize takes an ONNX artifact (kind onnx), "
+            f"not {manifest.get('kind')!r}"
+        )
+    if manifest.get("precision") != "fp32" or manifest.get("quantization"):
+        raise DllmExportError(
+            f"{artifact_dir}: precision {manifest.get('precision')!r}; quantize an fp32 "
+            "export (dllm-export export --dtype fp32)"
+        )
+    strategy = (manifest.get("moe") or {}).get("strategy")
+    if strategy in ("sparse", "ort"):
+        raise DllmExportError(
+            f"{artifact_dir}: exported with --moe {strategy}, whose expert weights are "
+            f"{'gathered per block at run time' if strategy == 'sparse' else 'inside com.microsoft::MoE'}"
+            " where no quantiser reaches them; re-export with --moe dense"
+        )
+
+
+def _target(options: QuantizeOptions):
+    if options.profile is None:
+        return None
+    from dllm_export.device_profiles import load_profile
+    from dllm_export.precision import check_precision
+
+    profile = load_profile(options.profile)
+    check_precision(profile, options.precision)
+    return profile
+
+
+def runs_on(method, precision: str) -> list[str]:
+    """Shipped device profiles whose device and engine library run this artifact."""
+    from dllm_export.device_profiles import all_profiles
+
+    return [
+        p.name
+        for p in all_profiles()
+        if precision in p.precisions and p.engine_library in method.libraries
+    ]
+
+
+def _versions(backend_report: dict) -> dict:
+    out = {}
+    for package in ("dllm-export", "onnx", "onnxruntime"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    if backend_report.get("modelopt"):
+        out["nvidia-modelopt"] = backend_report["modelopt"]
+    return out
+
+
+def _quantize_graph(
+    method,
+    prepared: Path,
+    out: Path,
+    nodes,
+    calibration,
+    batch: int,
+    all_linear: list[str],
+) -> dict:
+    from dllm_export.calibration import ort_backend
+
+    states = calibration.states if calibration else []
+    if method.backend == "modelopt":
+        from dllm_export.calibration.modelopt_backend import run_modelopt
+
+        raw = prepared.with_name("modelopt.onnx")
+        exclude = [n for n in all_linear if n not in nodes]
+        report = run_modelopt(
+            prepared,
+            raw,
+            method.precision,
+            method.backend_method,
+            states,
+            batch,
+            exclude,
+        )
+        import onnx
+
+        ort_backend.save_model(onnx.load(str(raw), load_external_data=True), out)
+        return report
+    if method.format == "nbits":
+        ort_backend.weight_only_nbits(
+            prepared, out, nodes, 4 if method.precision == "int4" else 8
+        )
+    else:
+        ort_backend.int8_qdq(prepared, out, nodes, states, batch, method.backend_method)
+    return {}
+
+
+def _candidate_backend(directory: Path, manifest: dict, logits_file: str):
+    import onnx
+
+    from dllm_export.calibration.evalgraph import GraphBackend, fake_quant_fp8, has_fp8
+
+    model = onnx.load(str(directory / logits_file), load_external_data=False)
+    note = None
+    if has_fp8(model):
+        model = fake_quant_fp8(model, directory)
+        note = (
+            "fake-quantised: Q/DQ pairs to float8 e4m3 replaced by e4m3 rounding in "
+            "float32 (ONNX Runtime CPU has no FP8 kernels); judge the engine on a GPU"
+        )
+    return GraphBackend(model, directory, manifest), note
+
+
+def _require_modelopt(method, install: bool, report) -> None:
+    from dllm_export.calibration import modelopt_backend
+
+    if install and modelopt_backend.unavailable_reason():
+        modelopt_backend.install_env(report)
+    reason = modelopt_backend.unavailable_reason()
+    if reason:
+        raise DllmExportError(f"--method {method.name} needs ModelOpt: {reason}")
+
+
+def _write_graph(
+    tmp: Path, artifact_dir: Path, source, method, options, calibration, report
+):
+    """The quantised ``model.onnx`` (+ data), its logits variant and the tokenizer files
+    in ``tmp``. Returns (selection, backend report)."""
+    import onnx
+
+    from dllm_export.calibration.ort_backend import prepare_graph
+    from dllm_export.export.passes import write_logits_graph
+    from dllm_export.runtime.tokenizer import TOKENIZER_FILES
+
+    work = tmp / WORK
+    work.mkdir()
+    report("prepare", "Gemm -> MatMul")
+    prepared = work / "prepared.onnx"
+    prepare_graph(artifact_dir / source["graph"]["file"], prepared)
+    model = onnx.load(str(prepared), load_external_data=False)
+    recipe = Recipe(
+        tuple(options.exclude), options.quantize_router, options.quantize_head
+    )
+    selection = select_nodes(model, recipe)
+    all_linear = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    del model
+    if not selection.quantize:
+        raise DllmExportError("--exclude left no linear layer to quantise")
+    report("quantize", f"{method.key}: {len(selection.quantize)} linear layers")
+    backend_report = _quantize_graph(
+        method,
+        prepared,
+        tmp / "model.onnx",
+        selection.quantize,
+        calibration,
+        source["shapes"]["batch"],
+        all_linear,
+    )
+    shutil.rmtree(work)
+    gc.collect()
+    write_logits_graph(tmp / "model.onnx", tmp / "model_logits.onnx")
+    for name in TOKENIZER_FILES:
+        if (artifact_dir / name).is_file():
+            shutil.copy2(artifact_dir / name, tmp / name)
+    return selection, backend_report
+
+
+def _graph_fields(tmp: Path, method, source: dict, backend_report: dict) -> dict:
+    """Manifest fields that describe the written graph; Q/DQ graphs must lint clean."""
+    import onnx
+
+    from dllm_export.export.trt_lint import check_trt
+
+    findings = check_trt(tmp / "model.onnx")
+    errors = [f for f in findings if f.severity == "error"]
+    if method.format == "qdq" and errors:
+        raise DllmExportError(
+            f"the {method.key} graph fails check-trt ({errors[0].node}: "
+            f"{errors[0].reason}); this is a bug, please report it"
+        )
+    opsets = onnx.load(str(tmp / "model.onnx"), load_external_data=False).opset_import
+    return {
+        "graph": {
+            "file": "model.onnx",
+            "data": "model.onnx.data",
+            "opset": next(o.version for o in opsets if o.domain in ("", "ai.onnx")),
+            "logits_file": "model_logits.onnx",
+        },
+        "trt_compatibility": {
+            "clean": not errors,
+            "findings": [asdict(f) for f in findings],
+        },
+        "versions": {**source.get("versions", {}), **_versions(backend_report)},
+    }
+
+
+def _gate(tmp: Path, manifest, float_model, options, bars, path: str, report) -> dict:
+    from dllm_export.calibration.collect import is_default_model
+    from dllm_export.calibration.gate import candidate_model, run_gate
+
+    candidate, note = _candidate_backend(tmp, manifest, "model_logits.onnx")
+    settings = GateSettings(
+        samples=options.gate_samples,
+        mc_num=options.gate_mc_num,
+        judge_tasks=is_default_model(manifest),
+    )
+    verdict = run_gate(
+        float_model,
+        candidate_model(candidate, float_model, path, options.precision),
+        bars,
+        settings,
+        progress=report,
+    )
+    verdict["evaluation"] = note or "ONNX Runtime CPU on the quantised graph"
+    candidate.close()
+    return verdict
+
+
+def quantize_artifact(
+    artifact_dir, out_dir, options: QuantizeOptions, report=None
+) -> dict:
+    """Quantise the fp32 artifact ``artifact_dir`` into ``out_dir``; returns the manifest.
+
+    ``report(stage, detail)`` receives progress. Raises DllmExportError (after writing the
+    artifact marked invalid) when the quality gate fails.
+    """
+    from dllm_export.calibration.collect import collect
+    from dllm_export.eval.models import EvalModel
+    from dllm_export.runtime.artifact import read_manifest
+
+    report = report or (lambda stage, detail="": None)
+    artifact_dir, out_dir = Path(artifact_dir), Path(out_dir)
+    if out_dir.exists() and not options.overwrite:
+        raise DllmExportError(
+            f"{out_dir}: already exists; choose another path or pass --overwrite"
+        )
+    if options.samples < 1:
+        raise DllmExportError("--samples must be at least 1")
+    source = read_manifest(artifact_dir)
+    _check_source(artifact_dir, source)
+    profile = _target(options)
+    method = method_table.resolve_method(
+        options.precision, options.method, profile.engine_library if profile else None
+    )
+    bars = DEFAULT_BARS[options.precision].updated(**options.bars)
+    if method.backend == "modelopt":
+        _require_modelopt(method, options.install_modelopt, report)
+    float_model = EvalModel.open(artifact_dir)
+    backend = float_model.generator.backend
+    calibration = None
+    if method.calibrated:
+        # Dense MoE graphs run every expert on every token: all of them get statistics.
+        experts = (source.get("moe") or {}).get("experts")
+        calibration = collect(
+            artifact_dir,
+            source,
+            backend,
+            float_model.generator,
+            options.calib,
+            options.samples,
+            options.calib_mode,
+            experts,
+            report,
+        )
+    manifest = copy.deepcopy(source)
+    with atomic_directory(out_dir, overwrite=options.overwrite) as tmp:
+        selection, backend_report = _write_graph(
+            tmp, artifact_dir, source, method, options, calibration, report
+        )
+        manifest.update(_graph_fields(tmp, method, source, backend_report))
+        manifest["precision"] = options.precision
+        manifest["quantization"] = {
+            "method": method.name,
+            "backend": method.backend,
+            "format": method.format,
+            "precision": options.precision,
+            "backend_report": backend_report,
+            "source_artifact": {
+                "path": str(artifact_dir.resolve()),
+                "fingerprint": source["source"]["fingerprint"],
+            },
+            "quantized_nodes": len(selection.quantize),
+            "excluded": selection.excluded,
+            "calibration": calibration.summary if calibration else None,
+            "runs_on": runs_on(method, options.precision),
+            "target_profile": profile.name if profile else None,
+        }
+        manifest["quality_gate"] = None
+        if options.gate:
+            manifest["quality_gate"] = _gate(
+                tmp, manifest, float_model, options, bars, str(out_dir), report
+            )
+        manifest["valid"] = not options.gate or manifest["quality_gate"]["passed"]
+        float_model.close()
+        write_json(tmp / "manifest.json", manifest)
+    if not manifest["valid"]:
+        failed = [c for c in manifest["quality_gate"]["checks"] if not c["passed"]]
+        shown = "; ".join(
+            f"{c['name']} {c['value']:.4f} vs bar {c['bar']}" for c in failed
+        )
+        raise DllmExportError(
+            f"{out_dir}: quality gate failed ({shown}); the artifact is "
+            "marked invalid (override a bar if this is acceptable)"
+        )
+    return manifest

@@ -1,0 +1,193 @@
+"""quantize: every precision from tiny checkpoints of each family, runnable artifacts, the
+quality gate, TensorRT-clean Q/DQ graphs and the one-line refusals.
+
+Tiny checkpoints have random weights, so their next-token distributions are nearly flat and
+near-tied tokens flip under any rounding: these tests pass gate bars suited to that
+(``RANDOM_BARS``), and the default bars are measured on the trained default model
+(docs/quantization.md). Canvases are 128 tokens: the gate's held-out task prompts take up
+to 80 with the tiny tokenizers and chat templates (Dream's is the longest).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from dllm_export import DllmExportError
+from dllm_export.calibration import modelopt_backend
+from dllm_export.calibration.quantize import QuantizeOptions, quantize_artifact
+from dllm_export.cli import main
+from dllm_export.export.onnx import ExportOptions, export_model
+from dllm_export.export.trt_lint import check_trt
+from dllm_export.runtime import Generator
+
+pytest.importorskip(
+    "dllm_export.eval.harness", reason="the quality harness (dllm_export/eval)"
+)
+
+SEQ_LEN = 128
+FAMILIES = ("llada", "llada-moe", "dream")
+# Random weights: masked top-1 agreement of a sound INT8 run is 0.9-1.0 at every ratio there,
+# while INT4's worst ratio (few positions at ratio 0.1 with 4 problems per task) went as low
+# as 0.25; temperature-0 generations diverge after the first flipped tie.
+RANDOM_BARS = {
+    "int8": {"min_agreement": 0.7, "min_generation_agreement": 0.3},
+    "fp8": {"min_agreement": 0.7, "min_generation_agreement": 0.3},
+    "int4": {
+        "min_agreement": 0.2,
+        "min_generation_agreement": 0.1,
+        "max_elbo_increase": 0.5,
+    },
+}
+FAST = dict(samples=16, gate_samples=4, gate_mc_num=4, overwrite=True)
+
+
+def fast(precision: str, **fields) -> QuantizeOptions:
+    return QuantizeOptions(
+        precision=precision, **{**FAST, "bars": RANDOM_BARS[precision], **fields}
+    )
+
+
+@pytest.fixture(scope="session")
+def float_artifact(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant-float")
+    made = {}
+
+    def get(family, moe="dense"):
+        if (family, moe) not in made:
+            made[(family, moe)] = root / f"{family}-{moe}"
+            export_model(
+                tiny_dir(family),
+                made[(family, moe)],
+                ExportOptions(seq_len=SEQ_LEN, moe=moe),
+            )
+        return made[(family, moe)]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_int8_and_int4_artifacts_run_and_generate(
+    family, precision, float_artifact, tmp_path
+):
+    out = tmp_path / f"{family}-{precision}"
+    manifest = quantize_artifact(float_artifact(family), out, fast(precision))
+    assert manifest["valid"] is True and manifest["precision"] == precision
+    quant = manifest["quantization"]
+    assert quant["method"] == ("minmax" if precision == "int8" else "nbits")
+    assert quant["quantized_nodes"] > 0
+    assert "decode head" in quant["excluded"].values()
+    assert "cpu" in quant["runs_on"]
+    assert manifest["quality_gate"]["passed"] is True
+    assert (out / "model_logits.onnx").is_file() and (out / "tokenizer.json").is_file()
+    float_bytes = (float_artifact(family) / "model.onnx.data").stat().st_size
+    assert (out / "model.onnx.data").stat().st_size < 0.6 * float_bytes
+    if precision == "int8":  # Q/DQ: the TensorRT-bound format
+        assert manifest["trt_compatibility"]["clean"] is True
+        assert not [f for f in check_trt(out / "model.onnx") if f.severity == "error"]
+        assert "jetson-orin-nano-8gb" in quant["runs_on"]
+    else:
+        assert quant["runs_on"] == ["cpu"]  # MatMulNBits: ONNX Runtime only
+    if family == "llada-moe":
+        experts = quant["calibration"]["experts"] if quant["calibration"] else None
+        assert precision == "int4" or experts["uncalibrated"] == []
+        assert "router" in quant["excluded"].values()
+    out_text = Generator.from_artifact(out).generate(
+        "Sort: 3 1 2", chat=True, gen_length=8, steps=8, block_length=8
+    )
+    assert len(out_text.tokens[0]) <= 8 and out_text.forwards >= 1
+
+
+@pytest.mark.parametrize("method", ["modelopt-max", "awq_clip"])
+def test_modelopt_fp8_and_int4_when_available(method, float_artifact, tmp_path):
+    reason = modelopt_backend.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    precision = "fp8" if method == "modelopt-max" else "int4"
+    manifest = quantize_artifact(
+        float_artifact("llada-moe"),
+        tmp_path / "out",
+        fast(precision, method=method),
+    )
+    assert manifest["valid"] is True
+    assert manifest["trt_compatibility"]["clean"] is True
+    if precision == "fp8":
+        assert "fake-quantised" in manifest["quality_gate"]["evaluation"]
+        assert "cpu" not in manifest["quantization"]["runs_on"]
+        assert "jetson-orin-nano-8gb" not in manifest["quantization"]["runs_on"]
+        assert "rtx-4090" in manifest["quantization"]["runs_on"]
+
+
+def test_modelopt_missing_is_one_line(float_artifact, tmp_path, monkeypatch):
+    monkeypatch.setenv(modelopt_backend.ENV_VAR, str(tmp_path / "no-such-python"))
+    with pytest.raises(
+        DllmExportError, match="needs ModelOpt: ModelOpt is not installed"
+    ):
+        quantize_artifact(
+            float_artifact("llada"),
+            tmp_path / "out",
+            fast("fp8"),
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_gate_stops_a_broken_quantisation(float_artifact, tmp_path):
+    """One calibration state, and the router and the decode head quantised too: with the
+    same bars that every sound INT8 run above passes, the gate stops it (masked agreement
+    0.56 at ratio 0.1 against 0.93 or more for the sound run on this model)."""
+    out = tmp_path / "broken"
+    options = fast("int8", quantize_router=True, quantize_head=True, samples=1)
+    with pytest.raises(DllmExportError, match="quality gate failed"):
+        quantize_artifact(float_artifact("llada-moe"), out, options)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["valid"] is False and manifest["quality_gate"]["passed"] is False
+    with pytest.raises(DllmExportError, match="not marked valid"):
+        Generator.from_artifact(out)
+
+
+def test_refusals_are_one_line(float_artifact, tmp_path):
+    runner = CliRunner()
+    source = str(float_artifact("llada"))
+    cases = [
+        (
+            ["--precision", "fp8", "--profile", "jetson-orin-nano-8gb"],
+            "fp8 needs compute",
+        ),
+        (["--precision", "fp8", "--profile", "cpu"], "does not run fp8"),
+        (
+            ["--precision", "int4", "--method", "nbits", "--profile", "rtx-4090"],
+            "cannot run",
+        ),
+        (["--precision", "int8", "--method", "awq_clip"], "not a int8 method"),
+        (
+            ["--precision", "int8", "--calib", str(tmp_path / "empty.txt")],
+            "file not found",
+        ),
+    ]
+    for flags, message in cases:
+        result = runner.invoke(
+            main, ["quantize", source, "-o", str(tmp_path / "x"), *flags]
+        )
+        assert result.exit_code == 1, result.output
+        assert message in result.output and "Traceback" not in result.output
+    (tmp_path / "empty.txt").write_text("\n")
+    result = runner.invoke(
+        main,
+        [
+            "quantize",
+            source,
+            "-o",
+            str(tmp_path / "x"),
+            "--precision",
+            "int8",
+            "--calib",
+            str(tmp_path / "empty.txt"),
+        ],
+    )
+    assert result.exit_code == 1 and "calibration data is empty" in result.output
+    sparse = float_artifact("llada-moe", "sparse")
+    with pytest.raises(DllmExportError, match="re-export with --moe dense"):
+        quantize_artifact(sparse, tmp_path / "y", QuantizeOptions(precision="int8"))
