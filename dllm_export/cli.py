@@ -542,5 +542,47 @@ def quantize(artifact_dir, out_dir, precision, method, calib, samples, calib_mod
     print_quantization(out_dir, manifest, _console())
 
 
+@main.command("eval")
+@click.argument("model", type=click.Path())
+@click.option("--compare", "other", type=click.Path(), default=None,
+              help="A second checkpoint or artifact, compared on identical inputs.")
+@click.option("--tasks", "task_names", default=None,
+              help="Comma-separated tasks (default: all of add,sort,reverse,recall).")
+@click.option("--samples", default=50, show_default=True, help="Held-out problems per task.")
+@click.option("--mc-num", default=32, show_default=True,
+              help="Monte-Carlo copies per sequence for the ELBO (0 skips it).")
+@click.option("--mc-batch", default=16, show_default=True,
+              help="Copies per stratified group (LLaDA's batch_size).")
+@click.option("--ratios", default=None, help="Mask ratios, comma-separated (default 0.1,...,0.9).")
+@click.option("--eval-seed", default=0, show_default=True,
+              help="Seeds the masked positions and the ELBO's draws.")
+@click.option("--batch", type=int, default=None,
+              help="Rows per forward (default: the artifact's batch, or 16).")
+@click.option("--provider", default="cpu", show_default=True,
+              type=click.Choice(["cpu", "cuda", "tensorrt"]), help="ONNX Runtime provider.")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--json", "json_path", type=click.Path(), default=None,
+              help="Write the JSON report here (default: stdout).")
+@sampler_options
+@user_errors
+def eval_command(model, other, task_names, samples, mc_num, mc_batch, ratios, eval_seed, batch,
+                 provider, threads, json_path, **kwargs):
+    """Quality and speed of a checkpoint or artifact: masked accuracy, ELBO, task accuracy."""
+    from dllm_export.eval.harness import EvalOptions, evaluate
+    from dllm_export.eval.report import print_report
+    from dllm_export.jsonio import write_json
+
+    options = EvalOptions(tasks=task_names, samples=samples, ratios=ratios, mc_num=mc_num,
+                          mc_batch=mc_batch, seed=eval_seed, batch=batch,
+                          sampler=_sampler_overrides(kwargs), provider=provider, threads=threads)
+    with _StageProgress() as progress:
+        report = evaluate(model, other, options, progress=progress)
+    print_report(report, _console())
+    if json_path:
+        write_json(json_path, report)
+    else:
+        click.echo(json.dumps(report, indent=2))
+
+
 if __name__ == "__main__":
     main()
