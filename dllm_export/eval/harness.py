@@ -155,6 +155,16 @@ def _deltas(first: dict, second: dict) -> dict:
     }
 
 
+def _settings(options: EvalOptions, seq_len, batch: int, config) -> dict:
+    return {
+        "tasks": list(options.tasks), "samples": options.samples,
+        "held_out_seed": options.held_out_seed,
+        "ratios": [ratio_key(r) for r in options.ratios], "mc_num": options.mc_num,
+        "mc_batch": options.mc_batch, "seed": options.seed, "seq_len": seq_len,
+        "batch": batch, "sampler": asdict(config),
+    }
+
+
 def evaluate(model, other=None, options: EvalOptions | None = None, progress=None) -> dict:
     """The quality report of ``model`` (and of ``other`` beside it, with agreement and
     deltas). See the module docstring for the keys.
@@ -193,30 +203,19 @@ def evaluate(model, other=None, options: EvalOptions | None = None, progress=Non
 
     prompts = [e.prompt for e in examples]
     runs = []
-    for model_index, evaluated in enumerate(models):
-        progress("generate", f"model {model_index + 1}: {len(prompts)} prompts")
+    for index, evaluated in enumerate(models):
+        progress("generate", f"model {index + 1}: {len(prompts)} prompts")
         runs.append(generate_all(evaluated.generator_for(config, seq_len), prompts, batch))
 
-    reports = []
-    for index, evaluated in enumerate(models):
-        reports.append({
-            "info": asdict(evaluated.info),
-            "masked": {k: {"accuracy": v["accuracy"][index], "positions": v["positions"]}
-                       for k, v in masked.items()},
-            "elbo": elbos[index],
-            "tasks": task_scores(examples, runs[index].texts),
-            "speed": runs[index].speed(batch),
-        })
-    report = {
-        "settings": {
-            "tasks": list(options.tasks), "samples": options.samples,
-            "held_out_seed": options.held_out_seed,
-            "ratios": [ratio_key(r) for r in options.ratios], "mc_num": options.mc_num,
-            "mc_batch": options.mc_batch, "seed": options.seed, "seq_len": seq_len,
-            "batch": batch, "sampler": asdict(config),
-        },
-        "model": reports[0],
-    }
+    reports = [{
+        "info": asdict(evaluated.info),
+        "masked": {k: {"accuracy": v["accuracy"][index], "positions": v["positions"]}
+                   for k, v in masked.items()},
+        "elbo": elbos[index],
+        "tasks": task_scores(examples, runs[index].texts),
+        "speed": runs[index].speed(batch),
+    } for index, evaluated in enumerate(models)]
+    report = {"settings": _settings(options, seq_len, batch, config), "model": reports[0]}
     if len(models) > 1:
         report["other"] = reports[1]
         report["agreement"] = {
