@@ -41,7 +41,8 @@ def choose_model(work: Path) -> tuple[Path, str, dict]:
 def command_line(model: Path, backend: str, args, sweeps, sampler) -> str:
     flags = [
         f"--profile cpu --backend {backend} --threads {args.threads}",
-        f"--runs {args.runs} --warmup {args.warmup} --seq-len {args.seq_len}",
+        f"--runs {args.runs} --warmup {args.warmup} --rounds {args.rounds}",
+        f"--seq-len {args.seq_len}",
     ]
     if backend == "onnxruntime":
         flags.append(f"--moe {args.moe}")
@@ -61,6 +62,7 @@ def run_profile(model: Path, backend: str, args, sweeps, sampler) -> dict:
         sampler=sampler,
         warmup=args.warmup,
         runs=args.runs,
+        rounds=args.rounds,
         threads=args.threads,
         seq_len=args.seq_len,
         moe=args.moe,
@@ -90,7 +92,8 @@ def preface(results: dict, what: str, args) -> list[str]:
     return [
         f"Made by `python -m benchmarks.reproduce_readme` with {what}; canvas "
         f"{args.seq_len} tokens, batch 1, {args.runs} timed generations after "
-        f"{args.warmup} warm-up ones per point.",
+        f"{args.warmup} warm-up ones per point, in {args.rounds} interleaved rounds of "
+        "fresh processes (the quietest round is kept).",
         "",
         f"Roofline: the `cpu` device profile ({results['torch']['device_profile']['description']}). "
         f"Measured on {machine['processor']} with {machine['load_before']['cpus']} CPUs "
@@ -116,6 +119,12 @@ def main():
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="every point this many times, interleaved; the quietest kept",
+    )
+    parser.add_argument(
         "--seq-len",
         type=int,
         default=64,
@@ -128,7 +137,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="2 runs, no sweeps")
     args = parser.parse_args()
     if args.quick:
-        args.runs, args.warmup, args.quality_examples = 2, 1, 5
+        args.runs, args.warmup, args.rounds, args.quality_examples = 2, 1, 1, 5
     model, what, sampler = choose_model(args.work)
     print(f"model: {model} ({what})", flush=True)
     threshold = [] if args.quick else ["threshold=0.5,0.7,0.9"]

@@ -423,6 +423,9 @@ def build(artifact_dir, profile_name, out_dir, precision, via, weight_streaming,
               "block_length, steps, gen_length, seq_len or precision (repeatable).")
 @click.option("--runs", default=5, show_default=True, help="Timed generations per point.")
 @click.option("--warmup", default=1, show_default=True, help="Untimed generations first.")
+@click.option("--rounds", default=1, show_default=True,
+              help="Measure every point this many times, interleaved, each in a fresh "
+                   "process; the quietest round is kept (a shared machine's noise).")
 @click.option("--threads", type=int, default=None, help="CPU threads (torch and ONNX Runtime).")
 @click.option("--device", default="cpu", show_default=True, help="torch device.")
 @click.option("--provider", default="cpu", show_default=True,
@@ -448,9 +451,9 @@ def build(artifact_dir, profile_name, out_dir, precision, via, weight_streaming,
 @sampler_options
 @user_errors
 def profile_command(target, profile_name, backend, prompts_file, chat, sweeps, runs, warmup,
-                    threads, device, provider, dtype, seq_len, moe, no_autoregressive, quality,
-                    quality_examples, in_process, cache_dir, compare_dirs, out_dir, as_json,
-                    **kwargs):
+                    rounds, threads, device, provider, dtype, seq_len, moe, no_autoregressive,
+                    quality, quality_examples, in_process, cache_dir, compare_dirs, out_dir,
+                    as_json, **kwargs):
     """Measure latency, tokens/s and memory against the roofline and autoregressive decoding."""
     import shlex
     from pathlib import Path
@@ -472,8 +475,8 @@ def profile_command(target, profile_name, backend, prompts_file, chat, sweeps, r
     options = ProfileOptions(
         profile=profile_name, backend=backend, sampler=_sampler_overrides(kwargs),
         prompts=read_prompts(prompts_file) if prompts_file else None, chat=chat,
-        sweeps=list(sweeps), warmup=warmup, runs=runs, threads=threads, device=device,
-        provider=provider, dtype=dtype, seq_len=seq_len, moe=moe,
+        sweeps=list(sweeps), warmup=warmup, runs=runs, rounds=rounds, threads=threads,
+        device=device, provider=provider, dtype=dtype, seq_len=seq_len, moe=moe,
         autoregressive=not no_autoregressive, quality=quality,
         quality_examples=quality_examples, isolate=not in_process,
         **({"cache_dir": Path(cache_dir)} if cache_dir else {}))

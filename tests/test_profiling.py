@@ -102,6 +102,7 @@ def threshold_profile(tiny_dir, tmp_path_factory):
         prompts=["What is 1 + 2?"],
         warmup=0,
         runs=1,
+        rounds=2,
         threads=1,
         isolate=False,
         quality="off",
@@ -117,6 +118,7 @@ def test_threshold_sweep_rows_and_tpf(threshold_profile):
     result, _ = threshold_profile
     rows = [p for p in result["points"] if p["series"] == "threshold"]
     assert [p["value"] for p in rows] == [0.99, 0.0001]
+    assert all(len(p["rounds_median_ms"]) == 2 for p in result["points"])
     high, low = (p["measured"]["tokens_per_forward"] for p in rows)
     assert low > high  # a lower threshold commits more positions per forward
     assert result["autoregressive"]["measured"]["new_tokens"] == SAMPLER["gen_length"]
@@ -237,14 +239,39 @@ def test_tensorrt_engine_without_tensorrt_is_one_line(tiny_dir, tmp_path):
     checkpoint = open_checkpoint(tiny_dir("llada"))
     engine = tmp_path / "engine"
     engine.mkdir()
-    write_json(engine / "manifest.json", {
-        "format": "dllm-export", "kind": "tensorrt", "valid": True, "family": "llada",
-        "precision": "fp16", "engine": "model.plan", "shapes": {"batch": 1, "seq_len": 32},
-        "source": {"checkpoint": str(checkpoint.directory), "config": checkpoint.config,
-                   "fingerprint": checkpoint.fingerprint()},
-        "generation_defaults": SAMPLER, "special_tokens": {"mask_id": 3, "eos_id": 1}})
-    result = CliRunner().invoke(main, ["profile", str(engine), "--profile", "cpu",
-                                       "--in-process", "--quality", "off"])
+    write_json(
+        engine / "manifest.json",
+        {
+            "format": "dllm-export",
+            "kind": "tensorrt",
+            "valid": True,
+            "family": "llada",
+            "precision": "fp16",
+            "engine": "model.plan",
+            "shapes": {"batch": 1, "seq_len": 32},
+            "source": {
+                "checkpoint": str(checkpoint.directory),
+                "config": checkpoint.config,
+                "fingerprint": checkpoint.fingerprint(),
+            },
+            "generation_defaults": SAMPLER,
+            "special_tokens": {"mask_id": 3, "eos_id": 1},
+        },
+    )
+    result = CliRunner().invoke(
+        main,
+        [
+            "profile",
+            str(engine),
+            "--profile",
+            "cpu",
+            "--in-process",
+            "--quality",
+            "off",
+        ],
+    )
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and "TensorRT" in lines[0] and "not installed" in lines[0], lines
+    assert len(lines) == 1 and "TensorRT" in lines[0] and "not installed" in lines[0], (
+        lines
+    )

@@ -190,7 +190,7 @@ def _sweeps(p: dict) -> list[str]:
                     m["tokens_per_forward"],
                     m["forwards_per_generation"].get("median"),
                     (pt.get("quality") or {}).get("accuracy"),
-                    "; ".join(pt.get("notes") or []) or "",
+                    "; ".join((pt.get("notes") or []) + _rounds_note(pt)),
                 ]
             )
         lines += _table(
@@ -249,6 +249,17 @@ def _everywhere(p: dict) -> list[str]:
     )
 
 
+def _rounds_note(point: dict) -> list[str]:
+    rounds = point.get("rounds_median_ms") or []
+    if len(rounds) < 2:
+        return []
+    return [
+        "forward p50 per round "
+        + ", ".join(_num(r) for r in rounds)
+        + " ms (lowest kept)"
+    ]
+
+
 def _details(p: dict) -> list[str]:
     m = p["points"][0]["measured"]
     ar = p["autoregressive"].get("measured") or {}
@@ -258,6 +269,11 @@ def _details(p: dict) -> list[str]:
         f"{ar.get('peak_rss_bytes', 0) / 2**20:.0f} MiB)",
         f"- device memory: {m.get('device_memory') or m.get('device_peak_allocated_bytes') or m.get('device_used_bytes')}",
         f"- power: {m.get('power') or m.get('power_mw')}",
+        *[f"- baseline: {note}" for note in _rounds_note(p["points"][0])],
+        *[
+            f"- autoregressive: token {note}".replace("forward ", "")
+            for note in _rounds_note(p["autoregressive"])
+        ],
         f"- step latency over {m['step'].get('count')} steps of {m['runs']} generations: "
         f"median {_num(m['step'].get('median_ms'))}, p90 {_num(m['step'].get('p90_ms'))}, "
         f"p99 {_num(m['step'].get('p99_ms'))} ms (with fewer than 100 steps p99 is "
