@@ -115,8 +115,8 @@ def _prepare(options: ProfileOptions, target, sweeps, report):
     base = _base_config(target, options.sampler)
     points = build_points(target, base, sweeps)
     for point in points:
-        if point.series == "baseline" and target.backend == "torch":
-            point.seq_len = options.seq_len
+        if point.series != "seq_len" and target.backend == "torch":
+            point.seq_len = options.seq_len  # every point on the same (fixed) canvas
         if point.series == "seq_len" and target.backend == "onnxruntime":
             moe = target.moe_strategy or options.moe or "sparse"
             point.path = str(
