@@ -587,5 +587,26 @@ def eval_command(model, other, task_names, samples, mc_num, mc_batch, ratios, ev
         click.echo(json.dumps(report, indent=2))
 
 
+@main.command()
+@click.option("-o", "--out", "out_dir", default="out/demo", show_default=True, type=click.Path())
+@click.option("--model", "model_dir", default=None, type=click.Path(),
+              help="Checkpoint (default: the shipped default model).")
+@click.option("--samples", default=10, show_default=True, help="Held-out problems per task.")
+@click.option("--stages", default=None,
+              help="Comma-separated subset of inspect,export,generate,eval,quantize,profile.")
+@user_errors
+def demo(out_dir, model_dir, samples, stages):
+    """The whole pipeline on the shipped default model, on the CPU."""
+    from dllm_export.demo import DEFAULT_MODEL, STAGES, run_demo
+
+    chosen = tuple(s.strip() for s in stages.split(",")) if stages else STAGES
+    unknown = [s for s in chosen if s not in STAGES]
+    if unknown:
+        raise DllmExportError(f"--stages {','.join(unknown)}: choose from {','.join(STAGES)}")
+    with _StageProgress() as progress:  # one console, so prints land above the spinner
+        run_demo(out_dir, model_dir or DEFAULT_MODEL, samples, chosen,
+                 console=progress.progress.console, progress=progress)
+
+
 if __name__ == "__main__":
     main()
