@@ -118,7 +118,22 @@ def make_artifact(work: Path, one_b: bool, seq_len: int) -> Path:
     return artifact
 
 
+def export_worker(work: str, one_b: str, seq_len: str):
+    started = time.perf_counter()
+    artifact = make_artifact(Path(work), one_b == "1b", int(seq_len))
+    emit(
+        {
+            "stage": "export",
+            "artifact": str(artifact),
+            "seconds": round(time.perf_counter() - started, 1),
+            "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
+        }
+    )
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "export-worker":
+        return export_worker(*sys.argv[2:5])
     if len(sys.argv) > 1 and sys.argv[1] == "quantize-worker":
         return quantize_worker(*sys.argv[2:7], int(sys.argv[7]), sys.argv[8])
     parser = argparse.ArgumentParser()
@@ -128,15 +143,16 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    artifact = make_artifact(args.work, args.one_b, args.seq_len)
-    emit(
-        {
-            "stage": "export",
-            "artifact": str(artifact),
-            "seconds": round(time.perf_counter() - started, 1),
-        }
+    # The export runs in its own process too, so this one never holds the weights.
+    exported = run_isolated(
+        "benchmarks.bench_quantize",
+        "export-worker",
+        str(args.work),
+        "1b" if args.one_b else "medium",
+        str(args.seq_len),
     )
+    emit(exported)
+    artifact = Path(exported["artifact"])
     calib = args.work / "calibration.txt"
     calib.write_text(CALIBRATION_TEXT)
     results = {

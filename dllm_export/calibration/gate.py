@@ -27,18 +27,18 @@ class GateBars:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
-# Chosen from the measurements in docs/quantization.md (the default model, 64 calibration
-# states, 16 held-out problems per task): each bar sits below what every sound method
-# reached there with room for sampling noise, and above what the broken runs reached.
+# Reasoning and measurements in docs/quantization.md: each bar sits below what sound
+# methods reach on trained models, less the sampling noise of the worst of five ratios,
+# and above what deliberately broken runs reach.
 DEFAULT_BARS = {
     "int8": GateBars(
-        min_agreement=0.90,
+        min_agreement=0.85,
         max_elbo_increase=0.05,
         max_task_drop=0.05,
         min_generation_agreement=0.60,
     ),
     "fp8": GateBars(
-        min_agreement=0.90,
+        min_agreement=0.80,
         max_elbo_increase=0.05,
         max_task_drop=0.05,
         min_generation_agreement=0.60,

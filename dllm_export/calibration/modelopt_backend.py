@@ -113,6 +113,10 @@ def run_modelopt(
     if reason:
         raise DllmExportError(reason)
     batches = list(batched(states, batch))
+    if not batches:
+        # rtn_dq reads no statistics, but ModelOpt takes the input shapes from the data.
+        shape = (batch, _graph_seq_len(prepared))
+        batches = [(np.zeros(shape, np.int64), np.ones(shape, np.int64))]
     with tempfile.TemporaryDirectory(prefix="dllm-modelopt-") as tmp:
         calibration = Path(tmp) / "calibration.npz"
         np.savez(
@@ -147,3 +151,11 @@ def run_modelopt(
         raise DllmExportError(f"ModelOpt {mode}/{method} failed: {' | '.join(tail)}")
     lines = [line for line in done.stdout.strip().splitlines() if line.startswith("{")]
     return json.loads(lines[-1]) if lines else {}
+
+
+def _graph_seq_len(graph: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return int(dims[1].dim_value)

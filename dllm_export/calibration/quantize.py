@@ -240,9 +240,38 @@ def _graph_fields(tmp: Path, method, source: dict, backend_report: dict) -> dict
     }
 
 
-def _gate(tmp: Path, manifest, float_model, options, bars, path: str, report) -> dict:
+def _calibrate(artifact_dir: Path, source: dict, options, report):
+    """Calibration states from the float artifact, whose sessions are released after (a
+    large model's weights should not stay resident while the quantiser loads its own)."""
+    from dllm_export.calibration.collect import collect
+    from dllm_export.eval.models import EvalModel
+
+    float_model = EvalModel.open(artifact_dir)
+    # Dense MoE graphs run every expert on every token: all of them get statistics.
+    experts = (source.get("moe") or {}).get("experts")
+    calibration = collect(
+        artifact_dir,
+        source,
+        float_model.generator.backend,
+        float_model.generator,
+        options.calib,
+        options.samples,
+        options.calib_mode,
+        experts,
+        report,
+    )
+    float_model.close()
+    del float_model
+    gc.collect()
+    return calibration
+
+
+def _gate(tmp: Path, manifest, artifact_dir, options, bars, path: str, report) -> dict:
     from dllm_export.calibration.collect import is_default_model
     from dllm_export.calibration.gate import candidate_model, run_gate
+    from dllm_export.eval.models import EvalModel
+
+    float_model = EvalModel.open(artifact_dir)
 
     candidate, note = _candidate_backend(tmp, manifest, "model_logits.onnx")
     settings = GateSettings(
@@ -259,6 +288,7 @@ def _gate(tmp: Path, manifest, float_model, options, bars, path: str, report) ->
     )
     verdict["evaluation"] = note or "ONNX Runtime CPU on the quantised graph"
     candidate.close()
+    float_model.close()
     return verdict
 
 
@@ -270,8 +300,6 @@ def quantize_artifact(
     ``report(stage, detail)`` receives progress. Raises DllmExportError (after writing the
     artifact marked invalid) when the quality gate fails.
     """
-    from dllm_export.calibration.collect import collect
-    from dllm_export.eval.models import EvalModel
     from dllm_export.runtime.artifact import read_manifest
 
     report = report or (lambda stage, detail="": None)
@@ -291,23 +319,9 @@ def quantize_artifact(
     bars = DEFAULT_BARS[options.precision].updated(**options.bars)
     if method.backend == "modelopt":
         _require_modelopt(method, options.install_modelopt, report)
-    float_model = EvalModel.open(artifact_dir)
-    backend = float_model.generator.backend
-    calibration = None
-    if method.calibrated:
-        # Dense MoE graphs run every expert on every token: all of them get statistics.
-        experts = (source.get("moe") or {}).get("experts")
-        calibration = collect(
-            artifact_dir,
-            source,
-            backend,
-            float_model.generator,
-            options.calib,
-            options.samples,
-            options.calib_mode,
-            experts,
-            report,
-        )
+    calibration = (
+        _calibrate(artifact_dir, source, options, report) if method.calibrated else None
+    )
     manifest = copy.deepcopy(source)
     with atomic_directory(out_dir, overwrite=options.overwrite) as tmp:
         selection, backend_report = _write_graph(
@@ -334,10 +348,9 @@ def quantize_artifact(
         manifest["quality_gate"] = None
         if options.gate:
             manifest["quality_gate"] = _gate(
-                tmp, manifest, float_model, options, bars, str(out_dir), report
+                tmp, manifest, artifact_dir, options, bars, str(out_dir), report
             )
         manifest["valid"] = not options.gate or manifest["quality_gate"]["passed"]
-        float_model.close()
         write_json(tmp / "manifest.json", manifest)
     if not manifest["valid"]:
         failed = [c for c in manifest["quality_gate"]["checks"] if not c["passed"]]
