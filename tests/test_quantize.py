@@ -200,3 +200,24 @@ def test_refusals_are_one_line(float_artifact, tmp_path):
     sparse = float_artifact("llada-moe", "sparse")
     with pytest.raises(DllmExportError, match="re-export with --moe dense"):
         quantize_artifact(sparse, tmp_path / "y", QuantizeOptions(precision="int8"))
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_qmoe_for_ort_moe_artifacts(precision, float_artifact, tmp_path):
+    """--moe ort artifacts: MoE nodes become QMoE, the other linear layers MatMulNBits."""
+    import onnx
+
+    out = tmp_path / precision
+    manifest = quantize_artifact(
+        float_artifact("llada-moe", "ort"), out, fast(precision)
+    )
+    assert manifest["valid"] is True
+    assert manifest["quantization"]["method"] == "qmoe"
+    assert manifest["quantization"]["runs_on"] == ["cpu"]
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"QMoE", "MatMulNBits"} <= ops and "MoE" not in ops
+    generated = Generator.from_artifact(out).generate(
+        "hi", gen_length=8, steps=8, block_length=8
+    )
+    assert generated.forwards >= 1

@@ -9,11 +9,14 @@
 | int8      | modelopt-entropy | modelopt   | qdq    | yes        | TensorRT, ONNX Runtime   |
 | int8      | nbits          | onnxruntime  | nbits  | no         | ONNX Runtime             |
 | int4      | nbits          | onnxruntime  | nbits  | no         | ONNX Runtime             |
+| int8/int4 | qmoe           | onnxruntime  | qmoe   | no         | ONNX Runtime             |
 | int4      | awq_clip       | modelopt     | qdq    | yes        | TensorRT, ONNX Runtime   |
 | int4      | rtn_dq         | modelopt     | qdq    | no         | TensorRT, ONNX Runtime   |
 | fp8       | modelopt-max   | modelopt     | qdq    | yes        | TensorRT (CC >= 8.9)     |
 | fp8       | modelopt-entropy | modelopt   | qdq    | yes        | TensorRT (CC >= 8.9)     |
 
+``qmoe`` (the default for ``--moe ort`` artifacts) turns ``com.microsoft::MoE`` nodes into
+``QMoE`` with per-row expert weights and the other linear layers into MatMulNBits.
 ``qdq`` graphs are symmetric Q/DQ that TensorRT parses (INT4 is weight-only DequantizeLinear
 blocks); ``nbits`` graphs use ``com.microsoft::MatMulNBits``, which only ONNX Runtime runs.
 ModelOpt's ``awq_lite`` is not offered: in 0.47 it calls cupy's ``.get()`` on a numpy array
@@ -59,6 +62,8 @@ METHODS = {
         Method("int8", "modelopt-entropy", "modelopt", "qdq", True, _ALL, "entropy"),
         Method("int8", "nbits", "onnxruntime", "nbits", False, ("onnxruntime",), "rtn"),
         Method("int4", "nbits", "onnxruntime", "nbits", False, ("onnxruntime",), "rtn"),
+        Method("int8", "qmoe", "onnxruntime", "qmoe", False, ("onnxruntime",), "rtn"),
+        Method("int4", "qmoe", "onnxruntime", "qmoe", False, ("onnxruntime",), "rtn"),
         Method("int4", "awq_clip", "modelopt", "qdq", True, _ALL, "awq_clip"),
         Method("int4", "rtn_dq", "modelopt", "qdq", False, _ALL, "rtn_dq"),
         Method("fp8", "modelopt-max", "modelopt", "qdq", True, _TRT, "max"),

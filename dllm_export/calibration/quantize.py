@@ -59,12 +59,27 @@ def _check_source(artifact_dir: Path, manifest: dict) -> None:
             f"{artifact_dir}: precision {manifest.get('precision')!r}; quantize an fp32 "
             "export (dllm-export export --dtype fp32)"
         )
+
+
+def _check_moe(artifact_dir: Path, manifest: dict, method) -> None:
+    """Expert weights must be reachable: 2-D MatMuls (``--moe dense``) for every method, or
+    ``com.microsoft::MoE`` nodes (``--moe ort``) for the QMoE method."""
     strategy = (manifest.get("moe") or {}).get("strategy")
-    if strategy in ("sparse", "ort"):
+    if method.format == "qmoe" and strategy != "ort":
         raise DllmExportError(
-            f"{artifact_dir}: exported with --moe {strategy}, whose expert weights are "
-            f"{'gathered per block at run time' if strategy == 'sparse' else 'inside com.microsoft::MoE'}"
-            " where no quantiser reaches them; re-export with --moe dense"
+            f"--method qmoe converts com.microsoft::MoE nodes; {artifact_dir} has none "
+            "(export with --moe ort, or choose another method)"
+        )
+    if strategy == "sparse":
+        raise DllmExportError(
+            f"{artifact_dir}: exported with --moe sparse, whose expert weights are gathered "
+            "per block at run time where no quantiser reaches them; re-export with --moe "
+            "dense (or --moe ort for ONNX Runtime's QMoE)"
+        )
+    if strategy == "ort" and method.format != "qmoe":
+        raise DllmExportError(
+            f"{artifact_dir}: exported with --moe ort, whose experts only QMoE quantises; "
+            "use --method qmoe (ONNX Runtime), or re-export with --moe dense for Q/DQ"
         )
 
 
@@ -132,6 +147,19 @@ def _quantize_graph(
 
         ort_backend.save_model(onnx.load(str(raw), load_external_data=True), out)
         return report
+    bits = 4 if method.precision == "int4" else 8
+    if method.format == "qmoe":
+        import onnx
+
+        from dllm_export.calibration.qmoe import moe_to_qmoe
+
+        model = onnx.load(str(prepared), load_external_data=True)
+        moe_to_qmoe(model, bits, prepared.parent)
+        experts = prepared.with_name("qmoe.onnx")
+        ort_backend.save_model(model, experts)
+        del model
+        ort_backend.weight_only_nbits(experts, out, nodes, bits)
+        return {"experts": "QMoE per-row", "other_linear_layers": "MatMulNBits"}
     if method.format == "nbits":
         ort_backend.weight_only_nbits(
             prepared, out, nodes, 4 if method.precision == "int4" else 8
@@ -313,9 +341,13 @@ def quantize_artifact(
     source = read_manifest(artifact_dir)
     _check_source(artifact_dir, source)
     profile = _target(options)
+    strategy = (source.get("moe") or {}).get("strategy")
     method = method_table.resolve_method(
-        options.precision, options.method, profile.engine_library if profile else None
+        options.precision,
+        options.method or ("qmoe" if strategy == "ort" else None),
+        profile.engine_library if profile else None,
     )
+    _check_moe(artifact_dir, source, method)
     bars = DEFAULT_BARS[options.precision].updated(**options.bars)
     if method.backend == "modelopt":
         _require_modelopt(method, options.install_modelopt, report)
