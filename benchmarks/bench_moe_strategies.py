@@ -24,6 +24,7 @@ def main():
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--work", type=Path, default=Path("out/bench"))
     args = parser.parse_args()
     rows = []
@@ -32,7 +33,8 @@ def main():
             artifact = ensure_artifact(args.model, args.work, seq_len, strategy)
             manifest = json.loads((artifact / "manifest.json").read_text())
             record = run_isolated("benchmarks.worker", "ort", str(artifact), "--threads",
-                                  str(args.threads), "--no-generate")
+                                  str(args.threads), "--repeats", str(args.repeats),
+                                  "--no-generate")
             row = {"seq_len": seq_len, "strategy": strategy,
                    "step_median_ms": record["step"]["median_ms"],
                    "step_p10_p90_ms": [record["step"]["p10_ms"], record["step"]["p90_ms"]],

@@ -191,9 +191,10 @@ class _StageProgress:
 @click.option("--seq-len", default=256, show_default=True, help="Fixed canvas length (prompt + generation).")
 @click.option("--batch", default=1, show_default=True, help="Fixed batch size.")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
-@click.option("--moe", default="sparse", show_default=True, type=click.Choice(["dense", "sparse", "ort"]),
-              help="MoE routing in the graph: dense (all experts), sparse (lossless expert blocks), "
-                   "ort (com.microsoft::MoE, ONNX Runtime only).")
+@click.option("--moe", default="dense", show_default=True, type=click.Choice(["dense", "sparse", "ort"]),
+              help="MoE routing in the graph: dense (all experts; TensorRT and every quantiser), "
+                   "sparse (lossless expert blocks), ort (com.microsoft::MoE: fastest on "
+                   "ONNX Runtime, no TensorRT).")
 @click.option("--moe-block", default=16, show_default=True, help="Rows per expert block (sparse).")
 @click.option("--outputs", default="decode", show_default=True, type=click.Choice(["decode", "logits"]))
 @click.option("--topk", default=8, show_default=True, help="Candidates per position in the decode head.")

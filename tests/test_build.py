@@ -504,3 +504,15 @@ def test_ort_trt_build_fills_the_engine_cache(tmp_path, monkeypatch):
     assert manifest["kind"] == "onnx" and manifest["ort_tensorrt"]["precision"] == "bf16"
     assert list((out / "ort-trt-cache").glob("*.engine"))  # where run --provider tensorrt looks
     assert (out / "model.onnx").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_build_refuses_a_graph_tensorrt_cannot_parse(tmp_path):
+    from dllm_export.export.build import check_tensorrt_compatible
+
+    manifest = {"trt_compatibility": {"clean": False, "findings": [
+        {"severity": "error", "node": "model.layers.0.mlp/MoE", "op": "com.microsoft::MoE",
+         "reason": "custom-domain op: TensorRT needs a plugin for it"}]}}
+    with pytest.raises(DllmExportError, match=r"1 node\(s\) TensorRT cannot parse, e.g. "
+                                              r"model.layers.0.mlp/MoE .*re-export with --moe dense"):
+        check_tensorrt_compatible(tmp_path, manifest)
+    check_tensorrt_compatible(tmp_path, {"trt_compatibility": {"clean": True, "findings": []}})

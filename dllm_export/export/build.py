@@ -62,6 +62,21 @@ def read_artifact(artifact_dir: Path) -> dict:
     return manifest
 
 
+def check_tensorrt_compatible(artifact_dir: Path, manifest: dict) -> None:
+    """Refuse, before TensorRT loads, a graph that check-trt found TensorRT cannot parse
+    (for example the ONNX Runtime MoE contrib op of ``--moe ort`` exports)."""
+    lint = manifest.get("trt_compatibility") or {}
+    errors = [f for f in lint.get("findings", []) if f["severity"] == "error"]
+    if not errors:
+        return
+    first = errors[0]
+    fix = ("re-export with --moe dense (or sparse)" if "com.microsoft" in first["op"]
+           else "see dllm-export check-trt")
+    raise DllmExportError(
+        f"{artifact_dir}: {len(errors)} node(s) TensorRT cannot parse, e.g. {first['node']} "
+        f"({first['op']}: {first['reason']}); {fix}")
+
+
 def artifact_fingerprint(artifact_dir: Path, manifest: dict) -> str:
     """sha256 over the manifest and each graph file's name, size, first and last MiB."""
     digest = hashlib.sha256((Path(artifact_dir) / "manifest.json").read_bytes())
@@ -170,6 +185,7 @@ def build_engine(artifact_dir, profile: DeviceProfile, out_dir, options: BuildOp
         from dllm_export.export.build_ort_trt import build_ort_trt
 
         return build_ort_trt(artifact_dir, manifest, plan, Path(out_dir), options)
+    check_tensorrt_compatible(artifact_dir, manifest)  # ONNX Runtime falls back; TensorRT can't
     return _build_tensorrt(artifact_dir, manifest, plan, Path(out_dir), options, notes, report)
 
 

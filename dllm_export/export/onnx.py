@@ -39,7 +39,10 @@ from dllm_export.jsonio import atomic_directory, write_json
 DTYPES = ("fp32", "fp16", "bf16")
 OUTPUT_KINDS = ("decode", "logits")
 EXPORT_STRATEGIES = ("dense", "sparse", "ort")
-DEFAULT_MOE = "sparse"
+# From benchmarks/bench_moe_strategies.py on ONNX Runtime CPU: dense is the fastest form
+# TensorRT can parse (sparse pays for gathering expert weights per block), and the one every
+# quantiser handles; `ort` (com.microsoft::MoE) is faster still but ONNX Runtime only.
+DEFAULT_MOE = "dense"
 LOGITS_GRAPH = "model_logits.onnx"  # same graph and weights, plus the full logits output
 DECODE_OUTPUTS = ("topk_ids", "topk_logprobs", "neg_entropy", "special_logprobs")
 INPUTS = (
@@ -137,7 +140,9 @@ def _trace(denoiser, options: ExportOptions, has_moe: bool):
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(log), warnings.catch_warnings():
+    # onnxscript prints notes ("Attribute type is ambiguous ...") on both streams.
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
