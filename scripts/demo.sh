@@ -3,12 +3,5 @@
 # pipeline on the shipped default model:  ./scripts/demo.sh [dllm-export demo options]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
-    python3 -m venv "$VENV"
-fi
-. "$VENV/bin/activate"
-python -m pip install -q --upgrade pip
-python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[export,plots]" "torch==2.13.0"
+EXTRAS="export,plots" . scripts/_venv.sh
 exec dllm-export demo "$@"
