@@ -142,16 +142,25 @@ def _print_generation(generator, prompt, chat, show_steps, truncate, overrides):
     return out
 
 
+def prompt_options(func):
+    """Prompt flags shared by generate and run."""
+    options = [
+        click.option("--prompt", required=True, help="Prompt text."),
+        click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template."),
+        click.option("--show-steps", is_flag=True, help="Show the canvas filling in step by step."),
+        click.option("--truncate", is_flag=True, help="Left-truncate a prompt that does not fit."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return sampler_options(func)
+
+
 @main.command()
 @click.argument("model_dir", type=click.Path())
-@click.option("--prompt", required=True, help="Prompt text.")
-@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--moe", type=click.Choice(["eager", "dense", "sparse", "ort"]), default=None,
               help="How MoE layers run in PyTorch (default: eager).")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--show-steps", is_flag=True, help="Show the canvas filling in step by step.")
-@click.option("--truncate", is_flag=True, help="Left-truncate a prompt that does not fit.")
-@sampler_options
+@prompt_options
 @user_errors
 def generate(model_dir, prompt, chat, moe, device, show_steps, truncate, **kwargs):
     """Generate with the PyTorch reference backend, straight from a checkpoint."""
@@ -284,14 +293,10 @@ def check_trt(onnx_path, as_json):
 
 @main.command()
 @click.argument("artifact_dir", type=click.Path())
-@click.option("--prompt", required=True, help="Prompt text.")
-@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--provider", default="cpu", show_default=True,
               type=click.Choice(["cpu", "cuda", "tensorrt"]), help="ONNX Runtime provider.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads (default: all cores).")
-@click.option("--show-steps", is_flag=True, help="Show the canvas filling in step by step.")
-@click.option("--truncate", is_flag=True, help="Left-truncate a prompt that does not fit.")
-@sampler_options
+@prompt_options
 @user_errors
 def run(artifact_dir, prompt, chat, provider, threads, show_steps, truncate, **kwargs):
     """Generate from an exported artifact or engine (no torch needed)."""
