@@ -3,8 +3,8 @@
 Four generators, each a function of a ``numpy.random.Generator`` that returns an
 ``Example`` (a user turn and its exact answer):
 
-* ``add``: "What is 123 + 456?" -> "579"
-* ``sort``: "Sort: 4 7 1 3" -> "1 3 4 7"
+* ``add``: "What is 12 + 45?" -> "57"
+* ``sort``: "Sort: 4 7 1" -> "1 4 7"
 * ``reverse``: "Reverse: red cat sun" -> "sun cat red"
 * ``recall``: "What is x in a: red, k: cat, x: sun?" -> "sun"
 
@@ -50,27 +50,27 @@ class Example:
     answer: str  # the exact expected assistant turn
 
 
-def make_add(rng: np.random.Generator, min_digits: int = 1, max_digits: int = 3) -> Example:
+def make_add(rng: np.random.Generator, min_digits: int = 1, max_digits: int = 2) -> Example:
     """Two non-negative integers with ``min_digits``..``max_digits`` digits each."""
     a, b = (_number(rng, min_digits, max_digits) for _ in range(2))
     return Example("add", f"What is {a} + {b}?", str(a + b))
 
 
-def make_sort(rng: np.random.Generator, min_count: int = 3, max_count: int = 6) -> Example:
+def make_sort(rng: np.random.Generator, min_count: int = 3, max_count: int = 5) -> Example:
     """Sort a few digits in ascending order (repeats allowed)."""
     values = rng.integers(0, 10, size=int(rng.integers(min_count, max_count + 1)))
     shown = " ".join(str(v) for v in values)
     return Example("sort", f"Sort: {shown}", " ".join(str(v) for v in sorted(values)))
 
 
-def make_reverse(rng: np.random.Generator, min_count: int = 3, max_count: int = 5) -> Example:
+def make_reverse(rng: np.random.Generator, min_count: int = 2, max_count: int = 4) -> Example:
     """Reverse the order of a few distinct words."""
     count = int(rng.integers(min_count, max_count + 1))
     words = [WORDS[i] for i in rng.choice(len(WORDS), size=count, replace=False)]
     return Example("reverse", f"Reverse: {' '.join(words)}", " ".join(reversed(words)))
 
 
-def make_recall(rng: np.random.Generator, min_count: int = 3, max_count: int = 5) -> Example:
+def make_recall(rng: np.random.Generator, min_count: int = 2, max_count: int = 4) -> Example:
     """Look up the word stored under one key in a short list of key: word pairs."""
     count = int(rng.integers(min_count, max_count + 1))
     keys = [KEYS[i] for i in rng.choice(len(KEYS), size=count, replace=False)]
@@ -89,8 +89,8 @@ def make_repeat(rng: np.random.Generator, min_count: int = 3, max_count: int = 5
 
 GENERATORS = {"add": make_add, "sort": make_sort, "reverse": make_reverse,
               "recall": make_recall, "repeat": make_repeat}
-# The held-out addition set asks 2-3 digit sums (training also sees 1-digit operands).
-HELD_OUT_OPTIONS = {"add": {"min_digits": 2, "max_digits": 3}}
+# The held-out addition set asks 2-digit sums (training also sees 1-digit operands).
+HELD_OUT_OPTIONS = {"add": {"min_digits": 2, "max_digits": 2}}
 
 
 def _number(rng: np.random.Generator, min_digits: int, max_digits: int) -> int:
@@ -156,6 +156,13 @@ def held_out_examples(task: str, count: int, seed: int = 0) -> list[Example]:
         if is_held_out(example):
             chosen.setdefault(example.prompt, example)
     return list(chosen.values())
+
+
+def response_text(example: Example) -> str:
+    """The assistant turn a model is trained to write and is scored on: the answer after one
+    space, so that its first word is the same BPE token as inside the prompt ("Ġsun", not
+    "sun"). ``score`` strips the space again."""
+    return f" {example.answer}"
 
 
 def score(answer: str, example: Example) -> bool:
