@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dllm_export.errors import DllmExportError
+from dllm_export.eval import tasks
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def task_sequence(tokenizer, special, example, gen_length: int) -> ScoredSequenc
     end of turn, filled with EOS up to ``gen_length`` tokens."""
     prompt = tokenizer.format_prompt(example.prompt, chat=True)
     end = special.eot_id if special.eot_id is not None else special.eos_id
-    target = tuple(tokenizer.encode(example.answer)) + (end,)
+    target = tuple(tokenizer.encode(tasks.response_text(example))) + (end,)
     tail = (special.eos_id,) * max(0, gen_length - len(target))
     return ScoredSequence(tuple(prompt), target, tail, example.task)
 
