@@ -69,17 +69,13 @@ def _eval(model_dir, artifact: Path, console, samples: int):
     return report
 
 
-def _quantize(model_dir, out_dir: Path, console, progress):
-    """Quantisers reach expert weights only in the dense MoE form (see docs/quantization.md),
-    so the float artifact for INT8 is exported with --moe dense."""
+def _quantize(artifact: Path, out: Path, console, progress):
+    """INT8 of the demo's own export: its MoE is in the dense form (the export default), the
+    one in which quantisers reach the expert weights (docs/quantization.md)."""
     from dllm_export.calibration.quantize import QuantizeOptions, quantize_artifact
     from dllm_export.calibration.report import print_quantization
-    from dllm_export.export.onnx import ExportOptions, export_model
 
-    dense, out = out_dir / "default-onnx-dense", out_dir / "default-int8"
-    export_model(model_dir, dense, ExportOptions(seq_len=DEMO_SEQ_LEN, moe="dense", overwrite=True),
-                 report=progress)
-    manifest = quantize_artifact(dense, out, QuantizeOptions(precision="int8", overwrite=True),
+    manifest = quantize_artifact(artifact, out, QuantizeOptions(precision="int8", overwrite=True),
                                  report=progress)
     print_quantization(out, manifest, console)
 
@@ -120,7 +116,7 @@ def run_demo(out_dir="out/demo", model_dir=DEFAULT_MODEL, samples: int = 10,
         "eval": ("4. quality: the export against the checkpoint",
                  lambda: _eval(model_dir, artifact, console, samples)),
         "quantize": ("5. INT8 quantisation with its quality gate",
-                     lambda: _quantize(model_dir, out_dir, console, progress)),
+                     lambda: _quantize(artifact, out_dir / "default-int8", console, progress)),
         "profile": ("6. profile on the cpu device profile (roofline, autoregressive baseline)",
                     lambda: _profile(artifact, out_dir / "profile", console)),
     }
