@@ -28,7 +28,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[256, 1024])
-    parser.add_argument("--moe", default="sparse")
+    parser.add_argument("--moe", default="dense")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("out/bench"))
     args = parser.parse_args()
