@@ -140,7 +140,10 @@ def _trace(denoiser, options: ExportOptions, has_moe: bool):
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
-    # onnxscript prints notes ("Attribute type is ambiguous ...") on both streams.
+    # onnxscript prints notes on both streams. onnx_ir logs "Attribute type is ambiguous" for
+    # the exporter's empty attribute lists later, when the model is saved; its warnings carry
+    # nothing a user can act on, so the exporter keeps it at ERROR from here on.
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")
