@@ -476,7 +476,11 @@ def profile_command(target, profile_name, backend, prompts_file, chat, sweeps, r
     if not target or not profile_name:
         raise DllmExportError("profile needs TARGET and --profile (or --compare DIR DIR ...)")
     from dllm_export.profiling.progress import ProfileProgress
-    from dllm_export.profiling.runner import ProfileOptions, profile_target, read_prompts
+    from dllm_export.profiling.runner import (
+        ProfileOptions,
+        profile_target,
+        read_prompts,
+    )
 
     options = ProfileOptions(
         profile=profile_name, backend=backend, sampler=_sampler_overrides(kwargs),

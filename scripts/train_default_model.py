@@ -203,7 +203,7 @@ def _canvas(prompts, answers, row_tasks, gen_length: int, pad_id: int) -> Batch:
     prompt_length = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), prompt_length + gen_length), pad_id)
     attention = torch.ones_like(ids)
-    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
+    for row, (prompt, answer) in enumerate(zip(prompts, answers, strict=False)):
         pad = prompt_length - len(prompt)
         attention[row, :pad] = 0
         ids[row, pad:prompt_length] = torch.tensor(prompt)
@@ -549,7 +549,7 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for column, (panel, label) in CURVES.items():
         points = [(int(r["step"]), float(r[column])) for r in rows if r[column]]
-        axes[panel].plot(*zip(*points), label=label)
+        axes[panel].plot(*zip(*points, strict=False), label=label)
     axes[0].set(xlabel="step", ylabel="LLaDA loss (1/t weighted)", yscale="log",
                 title="training loss")
     axes[1].set(xlabel="step", ylabel="accuracy on masked tokens", ylim=(0, 1),

@@ -112,7 +112,7 @@ def test_training_encodes_prompts_like_the_runtime(generator):
     )
     examples = [tasks.held_out_examples(task, 1)[0] for task in tasks.TASKS]
     prompts, answers = chat.encode(examples, generator.defaults.gen_length)
-    for example, prompt, answer in zip(examples, prompts, answers):
+    for example, prompt, answer in zip(examples, prompts, answers, strict=False):
         assert prompt == generator.encode(example.prompt, chat=True)
         assert len(answer) == generator.defaults.gen_length
         assert (

@@ -76,7 +76,7 @@ def make_recall(rng: np.random.Generator, min_count: int = 2, max_count: int = 4
     keys = [KEYS[i] for i in rng.choice(len(KEYS), size=count, replace=False)]
     values = [WORDS[i] for i in rng.choice(len(WORDS), size=count, replace=False)]
     asked = int(rng.integers(count))
-    pairs = ", ".join(f"{k}: {v}" for k, v in zip(keys, values))
+    pairs = ", ".join(f"{k}: {v}" for k, v in zip(keys, values, strict=False))
     return Example("recall", f"What is {keys[asked]} in {pairs}?", values[asked])
 
 
@@ -186,5 +186,5 @@ def task_accuracy(generator, examples: list[Example], batch_size: int = 50,
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         out = generator.generate([e.prompt for e in chunk], chat=True, **sampler_overrides)
-        correct += sum(score(text, e) for text, e in zip(out.texts, chunk))
+        correct += sum(score(text, e) for text, e in zip(out.texts, chunk, strict=False))
     return correct / max(len(examples), 1)
