@@ -11,6 +11,7 @@ to 80 with the tiny tokenizers and chat templates (Dream's is the longest).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -221,3 +222,30 @@ def test_qmoe_for_ort_moe_artifacts(precision, float_artifact, tmp_path):
         "hi", gen_length=8, steps=8, block_length=8
     )
     assert generated.forwards >= 1
+
+
+def test_modelopt_worker_gets_absolute_paths(tmp_path, monkeypatch):
+    """The worker runs in a temporary directory, so relative artifact paths (out/q, as a
+    user types them) must reach it resolved."""
+    import subprocess
+
+    import numpy as np
+
+    from dllm_export.calibration.states import CanvasState
+
+    seen = {}
+
+    def fake_run(command, **kwargs):
+        seen.update(json.loads(Path(command[-1]).read_text()), cwd=kwargs.get("cwd"))
+        return subprocess.CompletedProcess(command, 0, stdout='{"seconds": 0}\n', stderr="")
+
+    monkeypatch.setattr(modelopt_backend, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(modelopt_backend, "modelopt_python", lambda: Path("python"))
+    monkeypatch.setattr(modelopt_backend.subprocess, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    states = [CanvasState(np.zeros(8, np.int64), np.ones(8, np.int64), 0.5, "forward")]
+    modelopt_backend.run_modelopt(Path("float/model.onnx"), Path("out/model.onnx"), "int8",
+                                  "max", states, 1, [])
+    assert seen["onnx_path"] == str(tmp_path / "float" / "model.onnx")
+    assert seen["output_path"] == str(tmp_path / "out" / "model.onnx")
+    assert seen["cwd"] != str(tmp_path)

@@ -128,8 +128,9 @@ def run_modelopt(
         request.write_text(
             json.dumps(
                 {
-                    "onnx_path": str(prepared),
-                    "output_path": str(out),
+                    # The worker runs in the temporary directory: paths must be absolute.
+                    "onnx_path": str(Path(prepared).resolve()),
+                    "output_path": str(Path(out).resolve()),
                     "mode": mode,
                     "method": method,
                     "calibration": str(calibration),
