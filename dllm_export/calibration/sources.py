@@ -108,10 +108,10 @@ def text_passage(text: str) -> Iterator[CalibrationText]:
 
 def default_tasks(seed: int = TASKS_SEED) -> Iterator[CalibrationText]:
     """Training-side problems of the default model's tasks, with their exact answers."""
-    from dllm_export.eval.tasks import training_examples
+    from dllm_export.eval.tasks import response_text, training_examples
 
     for example in training_examples(seed):
-        yield CalibrationText(example.prompt, example.answer, chat=True)
+        yield CalibrationText(example.prompt, response_text(example), chat=True)
 
 
 def generic_text() -> Iterator[CalibrationText]:
