@@ -106,14 +106,15 @@ def test_int8_and_int4_artifacts_run_and_generate(
     assert len(out_text.tokens[0]) <= 8 and out_text.forwards >= 1
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["modelopt-max", "awq_clip"])
-def test_modelopt_fp8_and_int4_when_available(method, float_artifact, tmp_path):
+def test_modelopt_fp8_and_int4_when_available(method, family, float_artifact, tmp_path):
     reason = modelopt_backend.unavailable_reason()
     if reason:
         pytest.skip(reason)
     precision = "fp8" if method == "modelopt-max" else "int4"
     manifest = quantize_artifact(
-        float_artifact("llada-moe"),
+        float_artifact(family),
         tmp_path / "out",
         fast(precision, method=method),
     )
