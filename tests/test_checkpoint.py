@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -152,3 +153,30 @@ def test_unexpected_tensor_is_named(copy_of):
 def test_make_tiny_refuses_to_overwrite(tiny_dir):
     with pytest.raises(DllmExportError, match=r"already exists; choose another path"):
         make_tiny("llada", tiny_dir("llada"))
+
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+@pytest.mark.parametrize("name", ["llada-8b-base", "llada-8b-instruct"])
+def test_real_8b_index_names_exactly_our_parameters(name):
+    """The published LLaDA-8B config and tensor index (no weights) against the model we build
+    from that config: the same tensor names, no more, no fewer."""
+    import torch
+
+    from dllm_export.checkpoint import detect_family
+    from dllm_export.models import family_module
+
+    directory = REFERENCE / name
+    if not (directory / "model.safetensors.index.json").is_file():
+        pytest.skip("../shared/reference is not present")
+    config = json.loads((directory / "config.json").read_text())
+    family = detect_family(config, directory / "config.json")
+    module = family_module(family)
+    with torch.device("meta"):
+        model = module.Model(module.ModelArgs.from_dict(config))
+    ours = set(dict(model.named_parameters()))
+    theirs = set(json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"])
+    assert family == "llada"
+    assert ours == theirs
+    assert sum(p.numel() for p in model.parameters()) > 8e9
