@@ -441,7 +441,7 @@ def build(artifact_dir, profile_name, out_dir, precision, via, weight_streaming,
 @click.option("--seq-len", type=int, default=None,
               help="torch: a fixed canvas; checkpoint on onnxruntime: the export length.")
 @click.option("--moe", type=click.Choice(["dense", "sparse", "ort"]), default=None,
-              help="MoE strategy of artifacts profile exports (default: sparse).")
+              help="MoE strategy of artifacts profile exports (default: the export default, dense).")
 @click.option("--no-autoregressive", is_flag=True, help="Skip the autoregressive baseline.")
 @click.option("--quality", type=click.Choice(["auto", "on", "off"]), default="auto",
               show_default=True, help="Task accuracy per point (auto: on the default model).")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dllm_export.errors import DllmExportError
+from dllm_export.export.onnx import DEFAULT_MOE
 from dllm_export.profiling.assemble import Measured, assemble
 from dllm_export.profiling.jobs import run_isolated, run_job
 from dllm_export.profiling.stats import machine_load
@@ -109,7 +110,7 @@ def _prepare(options: ProfileOptions, target, sweeps, report):
 
         length = options.seq_len or load_profile(options.profile).build.seq_len
         artifact = cached_artifact(
-            target, length, options.moe or "sparse", options.cache_dir, report
+            target, length, options.moe or DEFAULT_MOE, options.cache_dir, report
         )
         target = as_artifact_target(target, artifact)
     base = _base_config(target, options.sampler)
@@ -118,7 +119,7 @@ def _prepare(options: ProfileOptions, target, sweeps, report):
         if point.series != "seq_len" and target.backend == "torch":
             point.seq_len = options.seq_len  # every point on the same (fixed) canvas
         if point.series == "seq_len" and target.backend == "onnxruntime":
-            moe = target.moe_strategy or options.moe or "sparse"
+            moe = target.moe_strategy or options.moe or DEFAULT_MOE
             point.path = str(
                 cached_artifact(target, point.seq_len, moe, options.cache_dir, report)
             )
