@@ -48,7 +48,6 @@ def quantize_worker(
     method: str,
     calib: str,
     samples: int,
-    gate: str,
 ):
     from dllm_export.calibration.quantize import QuantizeOptions, quantize_artifact
 
@@ -63,10 +62,8 @@ def quantize_worker(
             calib=calib or None,
             samples=samples,
             calib_mode="forward",
-            gate=gate == "gate",
+            gate=False,  # speed and memory only; quality is compare_quantize's job
             overwrite=True,
-            gate_samples=4,
-            gate_mc_num=8,
         ),
     )
     emit(
@@ -135,7 +132,7 @@ def main():
     if len(sys.argv) > 1 and sys.argv[1] == "export-worker":
         return export_worker(*sys.argv[2:5])
     if len(sys.argv) > 1 and sys.argv[1] == "quantize-worker":
-        return quantize_worker(*sys.argv[2:7], int(sys.argv[7]), sys.argv[8])
+        return quantize_worker(*sys.argv[2:7], int(sys.argv[7]))
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=Path("out/bench-quant"))
     parser.add_argument("--seq-len", type=int, default=256)
@@ -174,7 +171,6 @@ def main():
             method,
             str(calib),
             "8",
-            "nogate",
         )
         record["size_mb"] = size_mb(out)
         emit(record)

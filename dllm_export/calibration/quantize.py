@@ -161,9 +161,7 @@ def _quantize_graph(
         ort_backend.weight_only_nbits(experts, out, nodes, bits)
         return {"experts": "QMoE per-row", "other_linear_layers": "MatMulNBits"}
     if method.format == "nbits":
-        ort_backend.weight_only_nbits(
-            prepared, out, nodes, 4 if method.precision == "int4" else 8
-        )
+        ort_backend.weight_only_nbits(prepared, out, nodes, bits)
     else:
         ort_backend.int8_qdq(prepared, out, nodes, states, batch, method.backend_method)
     return {}
