@@ -239,6 +239,7 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
         raise DllmExportError(
             f"--seq-len {options.seq_len} exceeds the model's {limit} positions (config.json)")
     tokenizer = TextTokenizer(model_dir)
+    tokenizer.check_chat_template()  # the artifact carries it: refuse a hostile one now
     special = resolve_special_tokens(checkpoint.config, checkpoint.generation_config,
                                      tokenizer, Path(model_dir))
     total = len(checkpoint.weight_map)

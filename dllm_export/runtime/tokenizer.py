@@ -1,12 +1,13 @@
 """A torch-free tokenizer: ``tokenizer.json`` through the ``tokenizers`` library, plus the
-chat template from ``tokenizer_config.json`` rendered with Jinja, as transformers does."""
+chat template from ``tokenizer_config.json`` rendered in Jinja's sandbox, as transformers does."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dllm_export.errors import DllmExportError
+from dllm_export.jsonio import read_json
+from dllm_export.runtime.chat_template import check_chat_template, render_chat_template
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -21,6 +22,20 @@ def _token_text(value) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
+
+
+def _template_text(value, origin: Path) -> str | None:
+    """transformers stores one template as a string, or named ones as a list of dicts."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(t, dict) for t in value):
+        named = {t.get("name"): t.get("template") for t in value}
+        if isinstance(named.get("default"), str):
+            return named["default"]
+    raise DllmExportError(
+        f"{origin}: chat_template must be a string or a list of named templates with a "
+        "'default' one"
+    )
 
 
 class TextTokenizer:
@@ -40,8 +55,8 @@ class TextTokenizer:
         except Exception as err:  # tokenizers raises a bare Exception on parse errors
             raise DllmExportError(f"{path}: cannot be read by tokenizers ({err})") from None
         config_path = self.directory / "tokenizer_config.json"
-        self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        self.chat_template = self.config.get("chat_template")
+        self.config = read_json(config_path) if config_path.is_file() else {}
+        self.chat_template = _template_text(self.config.get("chat_template"), config_path)
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
 
@@ -63,26 +78,23 @@ class TextTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render chat messages with the checkpoint's own template."""
+        """Render chat messages with the checkpoint's own template, in Jinja's sandbox."""
+        origin = self.directory / "tokenizer_config.json"
         if not self.chat_template:
-            raise DllmExportError(
-                f"{self.directory / 'tokenizer_config.json'}: no chat_template; "
-                "drop --chat or add a template"
-            )
-        import jinja2
-
-        def raise_exception(message):
-            raise DllmExportError(f"chat template: {message}")
-
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        template = env.from_string(self.chat_template)
-        return template.render(
+            raise DllmExportError(f"{origin}: no chat_template; drop --chat or add a template")
+        return render_chat_template(
+            self.chat_template,
+            str(origin),
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
         )
+
+    def check_chat_template(self) -> None:
+        """Refuse (one line) a template that does not parse or render in the sandbox."""
+        if self.chat_template:
+            check_chat_template(self.chat_template, str(self.directory / "tokenizer_config.json"))
 
     def format_prompt(self, prompt: str | list[dict], chat: bool) -> list[int]:
         """Token ids for a plain prompt, or for chat messages / a user turn when ``chat``."""
