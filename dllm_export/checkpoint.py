@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dllm_export.errors import DllmExportError
+from dllm_export.families import detect_family
 from dllm_export.jsonio import read_json
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -111,28 +112,6 @@ def _weight_map(directory: Path) -> dict[str, str]:
     )
 
 
-def detect_family(config: dict, config_path: Path) -> str:
-    """Pick the model family from config keys (LLaDA-MoE also says model_type 'llada')."""
-    model_type = config.get("model_type")
-    if model_type == "llada":
-        if "num_experts" in config or "expert_intermediate_size" in config:
-            return "llada-moe"
-        if "d_model" in config:
-            return "llada"
-        raise DllmExportError(
-            f"{config_path}: model_type 'llada' but neither 'd_model' (LLaDA) nor "
-            "'num_experts' (LLaDA-MoE) is present"
-        )
-    if isinstance(model_type, str) and model_type.lower() == "dream":
-        return "dream"
-    if model_type is None:
-        raise DllmExportError(f"{config_path}: field 'model_type' is missing")
-    raise DllmExportError(
-        f"{config_path}: model_type '{model_type}' is not a supported family "
-        "(supported: llada, llada-moe, dream)"
-    )
-
-
 def open_checkpoint(directory: str | Path) -> Checkpoint:
     """Read and check a checkpoint directory's metadata (no tensors are loaded)."""
     directory = Path(directory)
@@ -165,7 +144,7 @@ def resolve_special_tokens(
     config: dict, generation_config: dict, tokenizer, directory: Path
 ) -> SpecialTokens:
     """Find mask / EOS / EoT ids from config, generation config and tokenizer, in that order."""
-    from dllm_export.runtime.tokenizer import _token_text
+    from dllm_export.runtime.tokenizer import token_text
 
     tok_config = tokenizer.config
 
@@ -177,7 +156,7 @@ def resolve_special_tokens(
 
     mask_id = _first_int(config.get("mask_token_id"), generation_config.get("mask_token_id"))
     if mask_id is None:
-        mask_id = named(_token_text(tok_config.get("mask_token")), *MASK_TOKEN_NAMES)
+        mask_id = named(token_text(tok_config.get("mask_token")), *MASK_TOKEN_NAMES)
     if mask_id is None:
         raise DllmExportError(
             f"{directory / 'tokenizer.json'}: no mask token (looked for mask_token_id in "

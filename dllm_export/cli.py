@@ -13,6 +13,7 @@ import sys
 import click
 
 from dllm_export.errors import DllmExportError
+from dllm_export.families import NAMES as FAMILY_NAMES
 
 
 def _console():
@@ -70,7 +71,7 @@ def inspect(model_dir, as_json):
 
 @main.command("make-tiny")
 @click.argument("out_dir", type=click.Path())
-@click.option("--family", required=True, type=click.Choice(["llada", "llada-moe", "dream"]))
+@click.option("--family", required=True, type=click.Choice(list(FAMILY_NAMES)))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--dtype", default="bfloat16", show_default=True,
               type=click.Choice(["bfloat16", "float16", "float32"]))

@@ -135,9 +135,9 @@ def time_step(checkpoint: str, engine: str, profile_name: str) -> None:
     import torch
 
     from dllm_export.device_profiles import load_profile
+    from dllm_export.model_shape import model_shape
     from dllm_export.models import load_model, set_moe_strategy
-    from dllm_export.profiling.model_shape import model_shape
-    from dllm_export.profiling.roofline import denoiser_step
+    from dllm_export.roofline import denoiser_step
     from dllm_export.runtime.artifact import open_backend
     from dllm_export.runtime.backends.torch_backend import TorchBackend
 

@@ -4,8 +4,10 @@ Ported from reading (not copying) three sources:
 
 * ML-GSAI/LLaDA ``generate.py``: ``generate``, ``add_gumbel_noise``,
   ``get_num_transfer_tokens``.
-* NVlabs/Fast-dLLM ``llada/generate.py``: ``generate`` with ``threshold`` and
-  ``get_transfer_index``.
+* NVlabs/Fast-dLLM ``llada/generate.py``: ``generate`` with ``threshold``,
+  ``get_transfer_index``, ``generate_with_prefix_cache`` and ``generate_with_dual_cache``
+  (the last two over a ``CachedModel``: Fast-dLLM's ``model(x, past_key_values,
+  replace_position)``).
 * Dream ``generation_utils.py`` (as in NVlabs/Fast-dLLM ``dream/model``): ``_sample``
   for the origin / maskgit_plus / topk_margin / entropy algs, ``sample_tokens``,
   ``top_p_logits``, ``top_k_logits``.
@@ -250,6 +252,124 @@ def fast_dllm_generate(
             step += 1
             if (x[:, start:end] == mask_id).sum() == 0:
                 break
+    return x, forwards
+
+
+# ---------------------------------------------------------------- Fast-dLLM caches
+
+
+class CachedModel:
+    """Fast-dLLM's calling convention over one of our models (batch 1, no padding).
+
+    ``full(x)`` is ``model(x, use_cache=True)``: logits and every layer's (keys, values)
+    over all positions. ``with_past(x_tail, past)`` is ``model(x_tail, past_key_values)``:
+    the tail's positions continue after the past, and attention runs over the past's keys
+    followed by the tail's own (a concatenation). ``replacing(x_block, past, start)`` is
+    ``model(x_block, past_key_values, replace_position)``: the block's keys and values take
+    the place of slots start.. of the past, and attention runs over all of them. The model
+    is our family forward; only how keys are combined is Fast-dLLM's, written here.
+    """
+
+    def __init__(self, model, bias_fn=None):
+        self.model, self.bias_fn = model, bias_fn
+
+    def _run(self, x, positions, keys_length, cache):
+        visible = torch.ones(1, x.shape[1], keys_length, dtype=torch.bool)
+        logits = self.model(x, positions=positions, visible=visible, cache=cache)
+        return logits if self.bias_fn is None else logits + self.bias_fn(positions)
+
+    def full(self, x):
+        from dllm_export.models.layers import KVCache
+
+        cache = KVCache()
+        positions = torch.arange(x.shape[1])[None]
+        return self._run(x, positions, x.shape[1], cache), cache.presents
+
+    def with_past(self, x_tail, past):
+        from dllm_export.models.layers import KVCache
+
+        before = past[0][0].shape[2]
+        positions = torch.arange(before, before + x_tail.shape[1])[None]
+        return self._run(x_tail, positions, before + x_tail.shape[1], KVCache(past))
+
+    def replacing(self, x_block, past, start):
+        class Replace:  # Fast-dLLM's replace_position: the block's slots are overwritten
+            def __init__(self):
+                self.layer = 0
+
+            def update_and_fetch(self, keys, values):
+                old_keys, old_values = past[self.layer]
+                self.layer += 1
+                end = start + keys.shape[2]
+                keys = torch.cat((old_keys[:, :, :start], keys, old_keys[:, :, end:]), dim=2)
+                values = torch.cat((old_values[:, :, :start], values, old_values[:, :, end:]), 2)
+                return keys, values
+
+        positions = torch.arange(start, start + x_block.shape[1])[None]
+        return self._run(x_block, positions, past[0][0].shape[2], Replace())
+
+
+@torch.no_grad()
+def fast_dllm_cached_generate(
+    model: CachedModel,
+    prompt,
+    *,
+    dual,
+    steps,
+    gen_length,
+    block_length,
+    mask_id,
+    temperature=0.0,
+    remasking="low_confidence",
+    threshold=None,
+    history=None,
+):
+    """Fast-dLLM ``generate_with_prefix_cache`` (``dual=False``) and
+    ``generate_with_dual_cache`` (``dual=True``), one prompt [1, P]: (canvas, forwards)."""
+    prompt_length = prompt.shape[1]
+    x = torch.full((1, prompt_length + gen_length), mask_id, dtype=torch.long)
+    x[:, :prompt_length] = prompt
+    assert gen_length % block_length == 0
+    num_blocks = gen_length // block_length
+    assert steps % num_blocks == 0
+    steps_per_block = steps // num_blocks
+    forwards = 0
+    for block in range(num_blocks):
+        start = prompt_length + block * block_length
+        end = start + block_length
+        counts = get_num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)
+        logits, past = model.full(x)  # the cache is written, and the first commit made
+        mask_index = x == mask_id
+        mask_index[:, end:] = False
+        scheduled = counts[:, 0] if threshold is None else None
+        x0, transfer = get_transfer_index(
+            logits, temperature, remasking, mask_index, x, scheduled, threshold)
+        x[transfer] = x0[transfer]
+        _record(history, x)
+        forwards += 1
+        if not dual:
+            past = [(k[:, :, :start], v[:, :, :start]) for k, v in past]
+        step = 1
+        while True:  # as in Fast-dLLM, one cached step runs even if the block is full
+            forwards += 1
+            if forwards > 2 * gen_length + steps:
+                raise RuntimeError("a position keeps proposing the mask token")
+            if dual:
+                region = x[:, start:end]
+                logits = model.replacing(region, past, start)
+            else:
+                region = x[:, start:]
+                logits = model.with_past(region, past)
+            mask_index = region == mask_id
+            mask_index[:, block_length:] = False
+            scheduled = counts[:, step] if threshold is None else None
+            x0, transfer = get_transfer_index(
+                logits, temperature, remasking, mask_index, region, scheduled, threshold)
+            region[transfer] = x0[transfer]
+            _record(history, x)
+            if (x[:, start:end] == mask_id).sum() == 0:
+                break
+            step += 1
     return x, forwards
 
 

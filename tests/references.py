@@ -111,6 +111,18 @@ def llada_moe_reference(model):
     return _bidirectional(ref.eval())
 
 
+def causal_reference(family, model):
+    """The transformers class of ``family`` on our weights, left causal as it ships: the
+    independent reference for the causal mode of our forward (autoregressive decoding)."""
+    builder = {"llada": llada_reference, "dream": dream_reference,
+               "llada-moe": llada_moe_reference}[family]
+    ref = builder(model)
+    for module in ref.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = True
+    return ref
+
+
 def reference_logits(family, model, input_ids, attention_mask=None):
     """Logits of the transformers reference, aligned like ours (Dream shifted)."""
     builder = {"llada": llada_reference, "dream": dream_reference,

@@ -164,7 +164,7 @@ def test_real_8b_index_names_exactly_our_parameters(name):
     from that config: the same tensor names, no more, no fewer."""
     import torch
 
-    from dllm_export.checkpoint import detect_family
+    from dllm_export.families import detect_family
     from dllm_export.models import family_module
 
     directory = REFERENCE / name

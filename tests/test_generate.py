@@ -26,7 +26,8 @@ import reference_samplers as ref
 import torch
 
 from dllm_export.errors import DllmExportError
-from dllm_export.models import FAMILIES
+from dllm_export.families import NAMES as FAMILIES
+from dllm_export.models.head import canvas_logits
 from dllm_export.runtime import sampling
 from dllm_export.runtime.backends.base import Backend
 from dllm_export.runtime.generate import SamplerConfig, Special, _finish_rows, denoise
@@ -90,7 +91,7 @@ class Conditioned(torch.nn.Module):
         self.bias = None
 
     def forward(self, input_ids, attention_mask=None):
-        logits = self.inner(input_ids, attention_mask)
+        logits = canvas_logits(self.inner, input_ids, attention_mask)
         if self.bias is None:
             generator = torch.Generator().manual_seed(11)
             shape = (self.longest, logits.shape[-1])

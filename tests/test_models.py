@@ -8,6 +8,7 @@ import torch
 from references import reference_logits
 
 from dllm_export.models import load_model, set_moe_strategy
+from dllm_export.models.head import canvas_logits
 from dllm_export.models.moe import softmax_topk
 
 FAMILIES = ("llada", "llada-moe", "dream")
@@ -21,7 +22,7 @@ def test_family_matches_transformers_reference(family, tiny_model):
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 370, (2, 24), generator=generator)
     with torch.no_grad():
-        ours = model(ids)
+        ours = canvas_logits(model, ids)
     ref = reference_logits(family, model, ids)
     assert ours.shape == ref.shape == (2, 24, model.args.vocab_size)
     assert (ours - ref).abs().max().item() < PARITY_ATOL
@@ -35,10 +36,10 @@ def test_left_padding_matches_reference_and_hides_pads(family, tiny_model):
     mask = torch.ones(2, 20, dtype=torch.long)
     mask[1, :6] = 0
     with torch.no_grad():
-        ours = model(ids, mask)
+        ours = canvas_logits(model, ids, mask)
         changed = ids.clone()
         changed[1, :6] = 7  # different pad contents must not change real positions
-        ours_changed = model(changed, mask)
+        ours_changed = canvas_logits(model, changed, mask)
     ref = reference_logits(family, model, ids, mask)
     assert (ours[:, 6:] - ref[:, 6:]).abs().max().item() < PARITY_ATOL
     # Dream reads position p from row p-1, so its first real position sees the last pad row
@@ -63,7 +64,7 @@ def test_dream_logits_are_shifted(tiny_model):
     model, _ = tiny_model("dream")
     ids = torch.randint(0, 370, (1, 12))
     with torch.no_grad():
-        ours = model(ids)
+        ours = canvas_logits(model, ids)
         raw = dream_reference(model)(input_ids=ids, attention_mask=_mask4d(None, 1, 12)).logits
     assert (ours[:, 0] - raw[:, 0]).abs().max() < PARITY_ATOL
     assert (ours[:, 1:] - raw[:, :-1]).abs().max() < PARITY_ATOL

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from dllm_export import roofline
 from dllm_export.cli import main
 from dllm_export.device_profiles import BuildSettings, DeviceProfile, load_profile
 from dllm_export.errors import DllmExportError
@@ -21,8 +22,7 @@ from dllm_export.export.plan import (
     plan_model,
     resolve_precision,
 )
-from dllm_export.profiling import roofline
-from dllm_export.profiling.model_shape import model_shape
+from dllm_export.model_shape import model_shape
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 needs_reference = pytest.mark.skipif(not (REFERENCE / "llada-8b-instruct").is_dir(),

@@ -17,10 +17,10 @@ from click.testing import CliRunner
 from dllm_export.cli import main
 from dllm_export.errors import DllmExportError
 from dllm_export.export.plan import plan_model
+from dllm_export.model_shape import model_shape
 from dllm_export.models import FAMILIES
 from dllm_export.profiling import analysis
 from dllm_export.profiling.autoregressive import CausalLM
-from dllm_export.profiling.model_shape import model_shape
 from dllm_export.profiling.runner import ProfileOptions, profile_target
 from dllm_export.profiling.sweeps import parse_sweep
 from tests.test_plan import TINY_LLADA, fake_profile

@@ -27,14 +27,14 @@ from pathlib import Path
 from dllm_export.device_profiles import GIB, DeviceProfile, all_profiles
 from dllm_export.errors import DllmExportError
 from dllm_export.jsonio import read_json
+from dllm_export.model_shape import ModelShape, model_shape
 from dllm_export.precision import (
     FLOAT_PRECISIONS,
     activation_bytes,
     check_known,
     check_precision,
 )
-from dllm_export.profiling.model_shape import ModelShape, model_shape
-from dllm_export.profiling.roofline import (
+from dllm_export.roofline import (
     autoregressive_token,
     denoiser_step,
     weight_bytes,

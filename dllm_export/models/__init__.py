@@ -1,9 +1,9 @@
 """Model families, one small file each, and the strict checkpoint loader.
 
 A family module provides ``ModelArgs`` (its config keys), ``Model`` (export-friendly
-PyTorch), ``SHIFT_LOGITS``, ``parameter_counts(args)``, ``tiny_config(vocab, special)`` and
-optionally ``sanitize(weights, args)``. Modules are imported only when needed so that
-``import dllm_export`` stays light and torch-free.
+PyTorch), ``parameter_counts(args)``, ``tiny_config(vocab, special)`` and optionally
+``sanitize(weights, args)``; ``families.py`` registers it. Modules are imported only when
+needed so that ``import dllm_export`` stays light and torch-free.
 """
 
 from __future__ import annotations
@@ -11,15 +11,13 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from dllm_export import families
 from dllm_export.errors import DllmExportError
 
-FAMILIES = {"llada": "llada", "llada-moe": "llada_moe", "dream": "dream"}
 
-
-def family_module(family: str):
-    if family not in FAMILIES:
-        raise DllmExportError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    return importlib.import_module(f"dllm_export.models.{FAMILIES[family]}")
+def family_module(name: str):
+    """The model file of a registered family (``families.REGISTRY``)."""
+    return importlib.import_module(f"dllm_export.models.{families.family(name).module}")
 
 
 def model_args(checkpoint):

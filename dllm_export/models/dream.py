@@ -1,30 +1,31 @@
 """Dream (Dream-org/Dream-v0-Base-7B, -Instruct-7B): a Qwen2.5 layout run bidirectionally.
 
 Dream keeps its autoregressive initialisation's shift: the prediction for position p is
-read from output row p-1 (row 0 for p = 0). ``Model.forward`` applies that shift, so every
-family's logits row p is the prediction for position p."""
+read from output row p-1 (row 0 for p = 0). ``Model.forward`` returns the rows as computed
+(``shift_logits``); ``head.canvas_logits`` applies the shift for a full canvas, and a cached
+call feeds the window one position early so that its rows predict the block."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dllm_export.errors import DllmExportError
+from dllm_export.families import family
 from dllm_export.models.layers import (
     RMSNorm,
     apply_rope,
     attention,
+    attention_bias,
     default_positions,
-    padding_bias,
     rope_tables,
     split_heads,
 )
 from dllm_export.models.moe import SwiGLUExpert
 
-SHIFT_LOGITS = True
+SHIFT_LOGITS = family("dream").shift_logits
 
 
 # Qwen2.5's special tokens plus Dream's <|mask|> (151666 in the 7B); Qwen's chat template.
@@ -91,11 +92,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.hidden_size, kv_width, bias=True)
         self.o_proj = nn.Linear(args.hidden_size, args.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, bias):
+    def forward(self, x, cos, sin, bias, cache=None):
         q = split_heads(self.q_proj(x), self.args.num_attention_heads)
         k = split_heads(self.k_proj(x), self.args.num_key_value_heads)
         v = split_heads(self.v_proj(x), self.args.num_key_value_heads)
         q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
         return self.o_proj(attention(q, k, v, bias))
 
 
@@ -107,8 +110,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, cos, sin, bias):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
+    def forward(self, x, cos, sin, bias, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -121,8 +124,10 @@ class DreamBaseModel(nn.Module):
 
 
 class Model(nn.Module):
-    """Mask predictor: input_ids [B, L] (+ attention_mask) -> float32 logits [B, L, V],
-    already shifted so that row p predicts position p."""
+    """input_ids [B, Lq] -> float32 logits [B, Lq, V]; row r predicts the position after
+    query r (see the module doc, and llada.Model for ``positions``, ``visible``, ``cache``)."""
+
+    shift_logits = SHIFT_LOGITS
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -131,24 +136,22 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, positions=None, visible=None, cache=None):
         x = self.model.embed_tokens(input_ids)
-        if attention_mask is None:
+        if positions is None and attention_mask is None:
             positions = default_positions(input_ids)
-        else:  # Dream numbers real tokens from 0 under left padding; pads get 1
+        elif positions is None:  # Dream numbers real tokens from 0 under left padding; pads get 1
             # float cumsum: TensorRT's CumSum takes no int64 (exact below 2**24 tokens)
             positions = attention_mask.float().cumsum(-1).long() - 1
             positions = positions.masked_fill(attention_mask == 0, 1)
         cos, sin = rope_tables(positions, self.args.head_dim, self.args.rope_theta)
-        bias = padding_bias(attention_mask, x.dtype)
+        bias = attention_bias(visible, attention_mask, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, bias)
+            x = layer(x, cos, sin, bias, cache)
         x = self.model.norm(x)
         if self.args.tie_word_embeddings:
-            logits = F.linear(x, self.model.embed_tokens.weight).float()
-        else:
-            logits = self.lm_head(x).float()
-        return torch.cat((logits[:, :1], logits[:, :-1]), dim=1)
+            return F.linear(x, self.model.embed_tokens.weight).float()
+        return self.lm_head(x).float()
 
 
 def parameter_counts(args: ModelArgs) -> dict:

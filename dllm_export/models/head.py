@@ -1,13 +1,16 @@
-"""The decode head in PyTorch: exported into the graph and used by the torch backend.
+"""The decode head in PyTorch, and the modules the exporter traces.
 
-See ``runtime/prediction.py`` for the contract. Everything is float32 over the whole
-vocabulary, whatever the model's dtype.
+See ``runtime/prediction.py`` for the head's outputs and ``dllm_export/contract.py`` for
+every graph's inputs and outputs. Everything is float32 over the whole vocabulary,
+whatever the model's dtype.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from dllm_export.models.layers import KVCache
 
 ENTROPY_EPS = 1e-10
 
@@ -27,8 +30,17 @@ class DecodeHead(nn.Module):
         return topk_ids, topk_logprobs, neg_entropy, special
 
 
+def canvas_logits(model, input_ids, attention_mask=None, **kwargs):
+    """A full canvas' logits with row p predicting position p: the family's rows, shifted
+    for families whose row p predicts p + 1 (Dream: row 0 keeps its own)."""
+    logits = model(input_ids, attention_mask, **kwargs)
+    if getattr(model, "shift_logits", False):
+        return torch.cat((logits[:, :1], logits[:, :-1]), dim=1)
+    return logits
+
+
 class Denoiser(nn.Module):
-    """Model + head: (input_ids, attention_mask) -> the four decode outputs, or logits."""
+    """The canvas graph: (input_ids, attention_mask) -> the four decode outputs, or logits."""
 
     def __init__(self, model: nn.Module, head: DecodeHead | None):
         super().__init__()
@@ -36,7 +48,29 @@ class Denoiser(nn.Module):
         self.head = head
 
     def forward(self, input_ids, attention_mask):
-        logits = self.model(input_ids, attention_mask)
+        logits = canvas_logits(self.model, input_ids, attention_mask)
         if self.head is None:
             return logits
         return self.head(logits)
+
+
+class CachedDenoiser(nn.Module):
+    """The cached graphs (contract.py: prefill, step): one call of the family's forward
+    over ``Lq`` queries that attend to ``[past | their own keys]`` under ``attention_mask``
+    [B, Lq, C + Lq] (or [B, Lq, Lq] without past), returning the head's outputs for the
+    rows as computed (no shift: the runtime places the window) and each layer's keys and
+    values."""
+
+    def __init__(self, model: nn.Module, head: DecodeHead | None, layers: int, with_past: bool):
+        super().__init__()
+        self.model = model  # the same attribute path as Denoiser: weights keep their names
+        self.head = head
+        self.layers = layers
+        self.with_past = with_past
+
+    def forward(self, input_ids, position_ids, attention_mask, *past):
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)] if past else None
+        cache = KVCache(pairs)
+        logits = self.model(input_ids, positions=position_ids, visible=attention_mask, cache=cache)
+        outputs = (logits,) if self.head is None else tuple(self.head(logits))
+        return (*outputs, *(t for pair in cache.presents for t in pair))

@@ -1,8 +1,14 @@
-"""Numerics the families share: RMSNorm, rotary embeddings, bidirectional attention.
+"""Numerics the families share: RMSNorm, rotary embeddings, attention and its cache.
 
 Each function is written so that ``torch.onnx.export(dynamo=True)`` sees fixed shapes and
 plain ops (no data-dependent shapes), and so that eager PyTorch matches the original
 modeling code within float tolerance.
+
+Attention runs over ``[cached keys | this call's keys]`` under a visibility mask that the
+caller builds (``runtime/attention.py`` states the rules: bidirectional, causal,
+block-causal, with left padding): one code path serves the full canvas, prefill, a cached
+block step and causal decoding. Keys are cached after RoPE (and after any q/k norm), so a
+cached key is never rotated again.
 """
 
 from __future__ import annotations
@@ -72,10 +78,41 @@ def padding_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype):
     return torch.where(keep, zero, torch.finfo(dtype).min)
 
 
-def attention(q, k, v, bias):
-    """Bidirectional scaled dot-product attention with grouped key/value heads.
+class KVCache:
+    """What one call attends to besides its own keys, and the keys it produced.
 
-    q: [B, H, L, Dh]; k, v: [B, Hkv, L, Dh]; bias: [B, 1, 1, L] or None. Returns [B, L, H*Dh].
+    ``past``: one ``(keys, values)`` pair per layer, each ``[B, Hkv, C, Dh]``, or None (a
+    call with nothing cached). After the call ``presents`` holds each layer's own
+    ``(keys, values)`` ``[B, Hkv, Lq, Dh]``; whoever owns the cache decides where they go.
+    """
+
+    def __init__(self, past=None):
+        self.past = list(past) if past is not None else None
+        self.presents: list[tuple] = []
+
+    def update_and_fetch(self, keys, values):
+        layer = len(self.presents)
+        self.presents.append((keys, values))
+        if self.past is None:
+            return keys, values
+        past_keys, past_values = self.past[layer]
+        return torch.cat((past_keys, keys), dim=2), torch.cat((past_values, values), dim=2)
+
+
+def attention_bias(visible, attention_mask, dtype: torch.dtype):
+    """Additive bias ``[B, 1, Lq, K]``: from ``visible`` ``[B, Lq, K]`` (True: the query may
+    attend to that key), else the key-padding rule of ``attention_mask`` ``[B, L]``."""
+    if visible is None:
+        return padding_bias(attention_mask, dtype)
+    zero = torch.zeros((), dtype=dtype, device=visible.device)
+    return torch.where(visible.to(torch.bool)[:, None], zero, torch.finfo(dtype).min)
+
+
+def attention(q, k, v, bias):
+    """Scaled dot-product attention with grouped key/value heads under an additive bias.
+
+    q: [B, H, Lq, Dh]; k, v: [B, Hkv, K, Dh]; bias: [B, 1, 1 or Lq, K] or None (all
+    visible). Returns [B, Lq, H*Dh].
     """
     groups = q.shape[1] // k.shape[1]
     if groups > 1:

@@ -9,17 +9,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from dllm_export.errors import DllmExportError
+from dllm_export.families import family
 from dllm_export.models.layers import (
     RMSNorm,
     apply_rope,
     attention,
+    attention_bias,
     default_positions,
-    padding_bias,
     rope_tables,
     split_heads,
 )
 
-SHIFT_LOGITS = False
+SHIFT_LOGITS = family("llada").shift_logits
 
 
 # Special tokens and chat template as in GSAI-ML/LLaDA-8B-Instruct's tokenizer_config.json.
@@ -119,13 +120,15 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(args.d_model, args.mlp_hidden_size, bias=args.include_bias)
         self.ff_out = nn.Linear(args.mlp_hidden_size, args.d_model, bias=args.include_bias)
 
-    def forward(self, x, cos, sin, bias):
+    def forward(self, x, cos, sin, bias, cache=None):
         h = self.attn_norm(x)
         q = split_heads(self.q_proj(h), self.args.n_heads)
         k = split_heads(self.k_proj(h), self.args.n_kv_heads)
         v = split_heads(self.v_proj(h), self.args.n_kv_heads)
         full = self.args.rope_full_precision
         q, k = apply_rope(q, cos, sin, full), apply_rope(k, cos, sin, full)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
         x = x + self.attn_out(attention(q, k, v, bias))
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
@@ -148,21 +151,27 @@ class LLaDAModel(nn.Module):
 
 
 class Model(nn.Module):
-    """Mask predictor: input_ids [B, L] (+ attention_mask) -> float32 logits [B, L, V]."""
+    """Mask predictor: input_ids [B, Lq] -> float32 logits [B, Lq, V], row r predicting
+    query r. ``positions`` [B, Lq] (RoPE), ``visible`` [B, Lq, K] and ``cache`` (a
+    ``KVCache``) make it a cached or causal call; without them it is the full canvas with
+    ``attention_mask`` [B, L] hiding left padding."""
+
+    shift_logits = SHIFT_LOGITS
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.model = LLaDAModel(args)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, positions=None, visible=None, cache=None):
         transformer = self.model.transformer
         x = transformer.wte(input_ids)
         # LLaDA keeps absolute positions under left padding; padded keys are masked out.
-        cos, sin = rope_tables(default_positions(input_ids), self.args.head_dim, self.args.rope_theta)
-        bias = padding_bias(attention_mask, x.dtype)
+        positions = default_positions(input_ids) if positions is None else positions
+        cos, sin = rope_tables(positions, self.args.head_dim, self.args.rope_theta)
+        bias = attention_bias(visible, attention_mask, x.dtype)
         for block in transformer.blocks:
-            x = block(x, cos, sin, bias)
+            x = block(x, cos, sin, bias, cache)
         x = transformer.ln_f(x)
         if self.args.weight_tying:
             return F.linear(x, transformer.wte.weight).float()

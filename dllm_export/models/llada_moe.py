@@ -10,18 +10,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from dllm_export.errors import DllmExportError
+from dllm_export.families import family
 from dllm_export.models.layers import (
     RMSNorm,
     apply_rope,
     attention,
+    attention_bias,
     default_positions,
-    padding_bias,
     rope_tables,
     split_heads,
 )
 from dllm_export.models.moe import SparseMoeBlock, SwiGLUExpert
 
-SHIFT_LOGITS = False
+SHIFT_LOGITS = family("llada-moe").shift_logits
 
 
 # LLaDA-MoE uses the Ling tokenizer's role markers; mask 156895 and EOS 156892 in the 7B.
@@ -121,7 +122,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
 
-    def forward(self, x, cos, sin, bias):
+    def forward(self, x, cos, sin, bias, cache=None):
         args = self.args
         q = split_heads(self.q_proj(x), args.num_attention_heads)
         k = split_heads(self.k_proj(x), args.num_key_value_heads)
@@ -131,6 +132,8 @@ class Attention(nn.Module):
         if args.clip_qkv is not None:
             q, k, v = (t.clamp(-args.clip_qkv, args.clip_qkv) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
         return self.o_proj(attention(q, k, v, bias))
 
 
@@ -161,8 +164,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = DenseMLP(args.hidden_size, args.dense_intermediate_size)
 
-    def forward(self, x, cos, sin, bias):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
+    def forward(self, x, cos, sin, bias, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias, cache)
         h = self.post_attention_layernorm(x)
         out = self.mlp(h)
         if hasattr(self, "shared_expert"):
@@ -179,7 +182,10 @@ class LLaDAMoEModel(nn.Module):
 
 
 class Model(nn.Module):
-    """Mask predictor: input_ids [B, L] (+ attention_mask) -> float32 logits [B, L, V]."""
+    """Mask predictor: input_ids [B, Lq] -> float32 logits [B, Lq, V] (see llada.Model for
+    ``positions``, ``visible`` and ``cache``)."""
+
+    shift_logits = SHIFT_LOGITS
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -191,12 +197,13 @@ class Model(nn.Module):
     def moe_blocks(self):
         return [layer.mlp for layer in self.model.layers if layer.is_moe]
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, positions=None, visible=None, cache=None):
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_tables(default_positions(input_ids), self.args.rotary_dim, self.args.rope_theta)
-        bias = padding_bias(attention_mask, x.dtype)
+        positions = default_positions(input_ids) if positions is None else positions
+        cos, sin = rope_tables(positions, self.args.rotary_dim, self.args.rope_theta)
+        bias = attention_bias(visible, attention_mask, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, bias)
+            x = layer(x, cos, sin, bias, cache)
         x = self.model.norm(x)
         if self.args.tie_word_embeddings:
             return F.linear(x, self.model.embed_tokens.weight).float()

@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 from dllm_export.checkpoint import SINGLE_FILE
+from dllm_export.families import NAMES
 from dllm_export.jsonio import atomic_directory, write_json
-from dllm_export.models import FAMILIES, family_module
+from dllm_export.models import family_module
 
 # A little text for the BPE merges of tiny tokenizers (their models are random anyway).
 _SAMPLE_TEXT = """The quick brown fox jumps over the lazy dog. A diffusion language model
@@ -141,8 +142,8 @@ def make_tiny(family: str, out_dir: str | Path, seed: int = 0, dtype: str = "bfl
 
     from dllm_export.errors import DllmExportError
 
-    if family not in FAMILIES:
-        raise DllmExportError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
+    if family not in NAMES:
+        raise DllmExportError(f"--family {family!r}: choose one of {', '.join(NAMES)}")
     module = family_module(family)
     spec = module.TOKENIZER
     tokenizer = build_tokenizer(_SAMPLE_TEXT * 4, 384, spec)

@@ -9,8 +9,8 @@ autoregressive baseline = 1 / token floor.
 
 from __future__ import annotations
 
+from dllm_export import roofline
 from dllm_export.precision import FLOAT_PRECISIONS, MATRIX_BYTES
-from dllm_export.profiling import roofline
 
 
 def _floor(function, shape, profile, precision, *args):

@@ -270,7 +270,7 @@ def profile_target(target_path, options: ProfileOptions, report=None) -> dict:
             measuring.
     """
     from dllm_export.device_profiles import load_profile
-    from dllm_export.profiling.model_shape import model_shape
+    from dllm_export.model_shape import model_shape
 
     report = report or (lambda *args: None)
     sweeps = [parse_sweep(text) for text in options.sweeps]  # bad flags fail first

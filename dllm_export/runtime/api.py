@@ -11,22 +11,18 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from dllm_export import families
 from dllm_export.errors import DllmExportError
 from dllm_export.runtime.generate import SamplerConfig, Special, StepInfo, denoise
 from dllm_export.runtime.tokenizer import TextTokenizer
 
-FAMILY_DEFAULTS = {
-    "llada": dict(algorithm="llada", gen_length=128, steps=128, block_length=32),
-    "llada-moe": dict(algorithm="llada", gen_length=128, steps=128, block_length=32),
-    "dream": dict(algorithm="dream", gen_length=128, steps=128, alg="entropy"),
-}
 # generation_config.json keys that some checkpoints use for the same options
 GENERATION_ALIASES = {"max_new_tokens": "gen_length"}
 
 
 def sampler_defaults(family: str, generation_config: dict) -> SamplerConfig:
     """Family defaults, overridden by diffusion keys found in generation_config.json."""
-    values = dict(FAMILY_DEFAULTS[family])
+    values = dict(families.family(family).sampler)
     for key, value in generation_config.items():
         key = GENERATION_ALIASES.get(key, key)
         if key in SamplerConfig.__dataclass_fields__ and key != "seed":
@@ -140,7 +136,8 @@ class Generator:
                 on_step(info)
 
         result = denoise(self.backend, ids, config, self.special,
-                         on_step=step_hook if (streamer or on_step) else None, truncate=truncate)
+                         on_step=step_hook if (streamer or on_step) else None, truncate=truncate,
+                         family=families.family(self.family))
         rows = [self.answer_tokens(r[result.prompt_length:]) for r in result.sequences]
         if streamer:
             streamer.flush(rows[0])

@@ -5,7 +5,8 @@
 ``sampling.py``. Two algorithm families:
 
 * ``llada``: semi-autoregressive blocks, steps split evenly per block, the linear transfer
-  schedule, low-confidence or random remasking, optional Fast-dLLM threshold, CFG.
+  schedule, low-confidence or random remasking, optional Fast-dLLM threshold, CFG. Each
+  block's predictions come from a cache mode (``cache.py``: none, prefix, dual, block).
 * ``dream``: whole-canvas steps with the ``1 - s/t`` schedule and Dream's confidences.
 """
 
@@ -17,10 +18,12 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 
 from dllm_export.errors import DllmExportError
+from dllm_export.runtime import cache as cache_modes
 from dllm_export.runtime import sampling
 from dllm_export.runtime.prediction import summarize_logits
 
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+ATTENTION = ("bidirectional", "block_causal")
 
 
 @dataclass
@@ -44,13 +47,30 @@ class SamplerConfig:
     eps: float = 1e-3
     seed: int = 0
     early_exit: bool = True
+    cache: str | None = None  # cache.MODES; None: the family's exact default
+    attention: str | None = None  # ATTENTION; None: block_causal for --cache block, else the family's
 
     def __post_init__(self):
         if self.algorithm not in ("llada", "dream"):
             raise DllmExportError(f"--algorithm {self.algorithm!r}: choose llada or dream")
         if self.gen_length < 1 or self.steps < 1:
             raise DllmExportError("--gen-length and --steps must be at least 1")
+        if self.cache is not None and self.cache not in cache_modes.MODES:
+            raise DllmExportError(
+                f"--cache {self.cache!r}: choose one of {', '.join(cache_modes.MODES)}")
+        if self.attention is not None and self.attention not in ATTENTION:
+            raise DllmExportError(
+                f"--attention {self.attention!r}: choose one of {', '.join(ATTENTION)}")
+        cached = self.cache not in (None, "none")
+        if cached and self.cfg_scale > 0:
+            raise DllmExportError(
+                f"--cfg-scale with --cache {self.cache}: guidance needs a second, "
+                "unconditional canvas per step; use --cache none")
         if self.algorithm == "dream":
+            if cached:
+                raise DllmExportError(
+                    f"--cache {self.cache} decodes block by block: use --algorithm llada "
+                    "(with --block-length, and --threshold for Fast-dLLM decoding)")
             if self.alg not in DREAM_ALGS:
                 raise DllmExportError(f"--alg {self.alg!r}: choose one of {', '.join(DREAM_ALGS)}")
             return
@@ -91,6 +111,8 @@ class DenoiseResult:
     step_seconds: list = field(default_factory=list)  # wall time of each step
     forward_seconds: list = field(default_factory=list)  # of which in the backend
     seconds: float = 0.0
+    cache: str = "none"  # the cache mode that ran
+    attention: str = "bidirectional"  # the attention rule it ran under
 
 
 @dataclass
@@ -133,30 +155,24 @@ def build_canvas(prompts: list[list[int]], gen_length: int, seq_len: int | None,
     return canvas, attention, prompt_length
 
 
-class _Stepper:
-    """Calls the backend, applies CFG, and keeps the statistics."""
+def _canvas_step(backend, attention, config: SamplerConfig, special: Special, canvas,
+                 forwards: cache_modes.Forwards):
+    """The full-canvas forward (the canvas graph), with classifier-free guidance when
+    asked: the prompt positions of the starting canvas are masked in the second row set."""
+    prompt_index = canvas != special.mask_id
 
-    def __init__(self, backend, attention, config: SamplerConfig, special: Special):
-        self.backend = backend
-        self.attention = attention
-        self.config = config
-        self.special = special
-        self.result_forwards: list[float] = []
+    def run(current):
+        if config.cfg_scale <= 0:
+            return backend.predict(current, attention)
+        unconditional = current.copy()
+        unconditional[prompt_index] = special.mask_id
+        both = backend.logits(np.concatenate([current, unconditional]),
+                              np.concatenate([attention, attention]))
+        cond, uncond = np.split(both, 2)
+        logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
+        return summarize_logits(logits, backend.topk, backend.special_ids)
 
-    def __call__(self, canvas, prompt_index):
-        started = time.perf_counter()
-        if self.config.cfg_scale > 0:
-            unconditional = canvas.copy()
-            unconditional[prompt_index] = self.special.mask_id
-            both = self.backend.logits(np.concatenate([canvas, unconditional]),
-                                       np.concatenate([self.attention, self.attention]))
-            cond, uncond = np.split(both, 2)
-            logits = uncond + (self.config.cfg_scale + 1) * (cond - uncond)
-            pred = summarize_logits(logits, self.backend.topk, self.backend.special_ids)
-        else:
-            pred = self.backend.predict(canvas, self.attention)
-        self.result_forwards.append(time.perf_counter() - started)
-        return pred
+    return lambda current: forwards(run, current)
 
 
 def _finish_rows(canvas, done, prompt_length, special: Special):
@@ -172,57 +188,64 @@ def _finish_rows(canvas, done, prompt_length, special: Special):
     return done
 
 
-def _llada_loop(stepper, canvas, prompt_length, config, special, rng, on_step, result):
+def _llada_loop(mode, canvas, prompt_length, config, special, rng, on_step, result):
+    """Blocks left to right; each step asks ``mode`` for the block's predictions."""
     block = config.block_length or config.gen_length
     num_blocks = config.gen_length // block
     steps_per_block = config.steps // num_blocks
-    prompt_index = canvas != special.mask_id
     done = np.zeros(canvas.shape[0], dtype=bool)
     # Threshold decoding ends a block when it is full; the cap only guards against a model
     # that keeps predicting the mask token (which commits nothing).
     max_steps = 4 * block if config.threshold is not None else steps_per_block
+    # LLaDA's generate runs every scheduled step; Fast-dLLM's cached loops stop at a full
+    # block (the steps after it would commit nothing).
+    stop_when_full = config.threshold is not None or mode.name != "none"
+    mode.start(canvas)
     for block_index in range(num_blocks):
         start = prompt_length + block_index * block
         end = start + block
-        counts = sampling.llada_transfer_counts(
-            (canvas[:, start:end] == special.mask_id).sum(axis=1), steps_per_block)
+        region = canvas[:, start:end]  # a view: commits write the canvas
+        counts = sampling.llada_transfer_counts((region == special.mask_id).sum(axis=1),
+                                                steps_per_block)
         for step in range(max_steps):
-            if config.threshold is not None and not (canvas[~done, start:end] == special.mask_id).any():
+            if stop_when_full and not (region[~done] == special.mask_id).any():
                 break
             step_started = time.perf_counter()
-            masked = canvas == special.mask_id
-            pred = stepper(canvas, prompt_index)
+            masked = region == special.mask_id
+            pred = mode.predict(canvas, start, end, step)
             x0, confidence = sampling.llada_candidates(
                 pred, config.temperature, config.remasking, rng, special.eos_id,
                 special.eot_id, config.logits_eos_inf, config.confidence_eos_eot_inf)
-            confidence[:, end:] = sampling.NEG_INF
             confidence = np.where(masked & ~done[:, None], confidence, sampling.NEG_INF)
             if config.threshold is not None:
                 chosen = sampling.select_threshold(confidence, config.threshold)
             else:
                 chosen = sampling.select_top(confidence, counts[:, step])
-            canvas[chosen] = x0[chosen]
+            region[chosen] = x0[chosen]
             if config.early_exit:
                 done = _finish_rows(canvas, done, prompt_length, special)
             result.step_seconds.append(time.perf_counter() - step_started)
             if on_step:
-                on_step(StepInfo(len(result.step_seconds), block_index, canvas, chosen,
-                                 stepper.result_forwards[-1]))
+                committed = np.zeros(canvas.shape, dtype=bool)
+                committed[:, start:end] = chosen
+                on_step(StepInfo(len(result.step_seconds), block_index, canvas, committed,
+                                 mode.forwards.seconds[-1]))
             if done.all():
                 return
+        mode.finish_block(canvas, start, end, last=block_index == num_blocks - 1)
         if done.all():
             return
 
 
-def _dream_loop(stepper, canvas, prompt_length, config, special, rng, on_step, result):
+def _dream_loop(mode, canvas, prompt_length, config, special, rng, on_step, result):
     timesteps = sampling.torch_linspace_f32(1.0, config.eps, config.steps + 1)
-    prompt_index = canvas != special.mask_id
+    length = canvas.shape[1]
     done = np.zeros(canvas.shape[0], dtype=bool)
     batch = canvas.shape[0]
     for step in range(config.steps):
         step_started = time.perf_counter()
         masked = (canvas == special.mask_id) & ~done[:, None]
-        pred = stepper(canvas, prompt_index)
+        pred = mode.predict(canvas, 0, length, step)
         t, s = timesteps[step], timesteps[step + 1]
         last = step == config.steps - 1
         if config.alg == "origin":
@@ -250,14 +273,34 @@ def _dream_loop(stepper, canvas, prompt_length, config, special, rng, on_step, r
             done = _finish_rows(canvas, done, prompt_length, special)
         result.step_seconds.append(time.perf_counter() - step_started)
         if on_step:
-            on_step(StepInfo(step + 1, 0, canvas, chosen, stepper.result_forwards[-1]))
+            on_step(StepInfo(step + 1, 0, canvas, chosen, mode.forwards.seconds[-1]))
         if done.all():
             return
 
 
+def resolve_cache(config: SamplerConfig, family) -> tuple[str, str]:
+    """The cache mode and attention rule a run uses: the config's, else the family's exact
+    default (``block`` for block-causal families); ``block`` implies the block-causal rule."""
+    mode = config.cache or (family.default_cache if family is not None else "none")
+    if config.attention is not None:
+        rule = config.attention
+    elif mode == "block":
+        rule = "block_causal"
+    else:
+        rule = family.attention if family is not None else "bidirectional"
+    if mode == "block" and rule != "block_causal":
+        raise DllmExportError(
+            "--cache block is exact only under --attention block_causal; drop --attention")
+    return mode, rule
+
+
 def denoise(backend, prompts: list[list[int]], config: SamplerConfig, special: Special,
-            on_step=None, truncate: bool = False) -> DenoiseResult:
-    """Generate for a batch of tokenised prompts; returns the filled canvas and statistics."""
+            on_step=None, truncate: bool = False, family=None) -> DenoiseResult:
+    """Generate for a batch of tokenised prompts; returns the filled canvas and statistics.
+
+    ``family`` (a ``families.Family``) supplies RoPE positions, the logit shift and the
+    default cache mode and attention rule; None means a bidirectional, unshifted model.
+    """
     canvas, attention, prompt_length = build_canvas(
         prompts, config.gen_length, backend.seq_len, special, truncate)
     if backend.batch_size is not None:
@@ -268,13 +311,20 @@ def denoise(backend, prompts: list[list[int]], config: SamplerConfig, special: S
                 f"{' (CFG doubles the batch)' if config.cfg_scale > 0 else ''}; "
                 "re-export with a larger --batch"
             )
+    mode_name, rule = resolve_cache(config, family)
     rng = np.random.default_rng(config.seed)
-    stepper = _Stepper(backend, attention, config, special)
-    result = DenoiseResult(sequences=canvas, prompt_length=prompt_length)
+    forwards = cache_modes.Forwards()
+    layout = cache_modes.make_layout(
+        attention, prompt_length, config.block_length or config.gen_length, rule,
+        family or cache_modes.PLAIN, special.pad_id)
+    canvas_step = _canvas_step(backend, attention, config, special, canvas, forwards)
+    mode = cache_modes.open_mode(mode_name, backend, layout, forwards, canvas_step)
+    result = DenoiseResult(sequences=canvas, prompt_length=prompt_length, cache=mode_name,
+                           attention=rule)
     started = time.perf_counter()
     loop = _llada_loop if config.algorithm == "llada" else _dream_loop
-    loop(stepper, canvas, prompt_length, config, special, rng, on_step, result)
+    loop(mode, canvas, prompt_length, config, special, rng, on_step, result)
     result.seconds = time.perf_counter() - started
-    result.forwards = len(stepper.result_forwards)
-    result.forward_seconds = stepper.result_forwards
+    result.forwards = len(forwards.seconds)
+    result.forward_seconds = forwards.seconds
     return result

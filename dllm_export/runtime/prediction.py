@@ -38,6 +38,16 @@ class Prediction:
         """Log-probability [B, L] of one special id."""
         return self.special_logprobs[..., self.special_ids.index(token_id)]
 
+    def positions(self, start: int, stop: int) -> "Prediction":
+        """Positions ``start:stop`` (axis 1) of every row."""
+        return Prediction(
+            self.topk_ids[:, start:stop],
+            self.topk_logprobs[:, start:stop],
+            self.neg_entropy[:, start:stop],
+            self.special_logprobs[:, start:stop],
+            self.special_ids,
+        )
+
     def rows(self, count: int) -> "Prediction":
         """The first ``count`` batch rows (backends pad the batch to the engine's size)."""
         return Prediction(

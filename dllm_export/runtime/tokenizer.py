@@ -17,7 +17,7 @@ TOKENIZER_FILES = (
 )
 
 
-def _token_text(value) -> str | None:
+def token_text(value) -> str | None:
     """tokenizer_config stores special tokens as strings or as AddedToken dicts."""
     if isinstance(value, dict):
         return value.get("content")
@@ -57,8 +57,8 @@ class TextTokenizer:
         config_path = self.directory / "tokenizer_config.json"
         self.config = read_json(config_path) if config_path.is_file() else {}
         self.chat_template = _template_text(self.config.get("chat_template"), config_path)
-        self.bos_token = _token_text(self.config.get("bos_token"))
-        self.eos_token = _token_text(self.config.get("eos_token"))
+        self.bos_token = token_text(self.config.get("bos_token"))
+        self.eos_token = token_text(self.config.get("eos_token"))
 
     @property
     def vocab_size(self) -> int:

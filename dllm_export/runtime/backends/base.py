@@ -3,6 +3,12 @@
 A backend runs the denoiser on a fixed-shape canvas and returns the decode head's
 ``Prediction``; backends that can also return full logits implement ``_run_logits``
 (classifier-free guidance and parity checks need them).
+
+Backends with cached graphs (``contract.py``) also keep a key/value cache where it lives
+(device buffers, OrtValues, tensors) and implement ``_run_prefill`` (a full canvas under
+any attention mask; writes every slot) and ``_run_cached_step`` (a window of queries over
+the cache; writes where told). Their predictions are the rows as computed: the runtime
+(``cache.py``) places windows and applies a family's shift.
 """
 
 from __future__ import annotations
@@ -46,6 +52,46 @@ class Backend:
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         input_ids, attention_mask, rows = self._padded(input_ids, attention_mask)
         return self._run_logits(input_ids, attention_mask)[:rows]
+
+    # --------------------------------------------------------------- cached graphs
+
+    has_cached_graphs: bool = False
+
+    def _no_cache(self):
+        raise DllmExportError(
+            f"the {self.name} backend has no cached graphs; export the artifact with --cache")
+
+    def reset_cache(self, batch: int, capacity: int) -> None:
+        """Start an empty cache for ``batch`` rows of ``capacity`` slots."""
+        self._no_cache()
+
+    def rows_for(self, needed: int) -> int:
+        """Query rows of the cached graph that fits ``needed`` queries (fixed shapes pad)."""
+        self._no_cache()
+
+    def _pad_rows(self, arrays):
+        rows = arrays[0].shape[0]
+        if self.batch_size is None or rows == self.batch_size:
+            return arrays, rows
+        extra = self.batch_size - rows
+        return [np.concatenate([a, np.repeat(a[:1], extra, axis=0)]) for a in arrays], rows
+
+    def prefill(self, input_ids, position_ids, attention_mask) -> Prediction:
+        """A full canvas under ``attention_mask`` [B, L, L]; writes every cache slot."""
+        arrays, rows = self._pad_rows([input_ids, position_ids, attention_mask])
+        return self._run_prefill(*arrays).rows(rows)
+
+    def cached_step(self, input_ids, position_ids, attention_mask, write=None) -> Prediction:
+        """Queries [B, Lq] over ``[cache | themselves]`` (``attention_mask`` [B, Lq, C + Lq]).
+        ``write=(first_row, first_slot, count)`` stores those rows' keys and values."""
+        arrays, rows = self._pad_rows([input_ids, position_ids, attention_mask])
+        return self._run_cached_step(*arrays, write).rows(rows)
+
+    def _run_prefill(self, input_ids, position_ids, attention_mask) -> Prediction:
+        self._no_cache()
+
+    def _run_cached_step(self, input_ids, position_ids, attention_mask, write) -> Prediction:
+        self._no_cache()
 
     def close(self) -> None:
         pass

@@ -17,9 +17,10 @@ class TorchBackend(Backend):
     def __init__(self, model, special_ids: tuple[int, ...], topk: int = 8, device: str = "cpu"):
         import torch
 
-        from dllm_export.models.head import DecodeHead
+        from dllm_export.models.head import DecodeHead, canvas_logits
 
         self.torch = torch
+        self.canvas_logits = canvas_logits
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.head = DecodeHead(topk, special_ids)
@@ -31,7 +32,7 @@ class TorchBackend(Backend):
         ids = torch.from_numpy(np.ascontiguousarray(input_ids)).to(self.device)
         mask = torch.from_numpy(np.ascontiguousarray(attention_mask)).to(self.device)
         with torch.inference_mode():
-            return self.model(ids, mask)
+            return self.canvas_logits(self.model, ids, mask)
 
     def _run_predict(self, input_ids, attention_mask) -> Prediction:
         with self.torch.inference_mode():
@@ -41,3 +42,40 @@ class TorchBackend(Backend):
 
     def _run_logits(self, input_ids, attention_mask):
         return self._logits_tensor(input_ids, attention_mask).cpu().numpy()
+
+    # The cache is a list of (keys, values) tensors [B, Hkv, C, Dh] on the model's device.
+    has_cached_graphs = True
+
+    def reset_cache(self, batch: int, capacity: int) -> None:
+        self.capacity, self.kv = capacity, None
+
+    def rows_for(self, needed: int) -> int:
+        return needed  # eager: any number of queries
+
+    def _call(self, input_ids, position_ids, attention_mask, past):
+        from dllm_export.models.layers import KVCache
+
+        torch = self.torch
+        tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+                   for a in (input_ids, position_ids, attention_mask)]
+        cache = KVCache(past)
+        with torch.inference_mode():
+            logits = self.model(tensors[0], positions=tensors[1], visible=tensors[2], cache=cache)
+            ids, logprobs, entropy, special = (t.cpu().numpy() for t in self.head(logits))
+        return Prediction(ids, logprobs, entropy, special, self.special_ids), cache.presents
+
+    def _run_prefill(self, input_ids, position_ids, attention_mask) -> Prediction:
+        if input_ids.shape[1] != self.capacity:
+            raise ValueError(f"prefill of {input_ids.shape[1]} positions, cache of {self.capacity}")
+        pred, presents = self._call(input_ids, position_ids, attention_mask, None)
+        self.kv = [(k.clone(), v.clone()) for k, v in presents]
+        return pred
+
+    def _run_cached_step(self, input_ids, position_ids, attention_mask, write) -> Prediction:
+        pred, presents = self._call(input_ids, position_ids, attention_mask, self.kv)
+        if write is not None:
+            row, slot, count = write
+            for (keys, values), (new_keys, new_values) in zip(self.kv, presents, strict=True):
+                keys[:, :, slot:slot + count] = new_keys[:, :, row:row + count]
+                values[:, :, slot:slot + count] = new_values[:, :, row:row + count]
+        return pred

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dllm_export.model_shape import ModelShape
 from dllm_export.precision import MATRIX_BYTES, activation_bytes, kept_bytes
-from dllm_export.profiling.model_shape import ModelShape
 
 
 @dataclass(frozen=True)

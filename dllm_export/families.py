@@ -1,0 +1,170 @@
+"""The family registry: the one place a family is named outside its model file.
+
+Torch-free, so that the runtime, ``plan`` and ``build`` can use it on a device that has
+only the runtime installed. An entry says how to recognise a family's config, where its
+model code lives, how its config maps to the family-neutral ``ModelShape``, its sampler
+defaults, and how the runtime must drive it: RoPE positions under left padding, whether
+row p of its output predicts p or p + 1, the attention rule it was trained with, and the
+cache modes it supports. Adding a family is one model file plus one entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from dllm_export.errors import DllmExportError
+from dllm_export.model_shape import ModelShape
+
+# runtime/cache.py implements these; "block" is exact only under the block-causal rule.
+CACHE_MODES = ("none", "prefix", "dual", "block")
+ATTENTION_RULES = ("bidirectional", "block_causal")
+POSITION_RULES = ("absolute", "real_count")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    module: str  # dllm_export/models/<module>.py
+    matches: Callable[[dict], bool]  # is this config.json one of ours? (entries tried in order)
+    shape: Callable[[dict, object], ModelShape]
+    sampler: dict  # SamplerConfig defaults, overridden by generation_config.json
+    # "absolute": RoPE position = canvas index (pads keep theirs); "real_count": real tokens
+    # are numbered from 0 after the left padding and pads get 1 (Dream).
+    positions: str = "absolute"
+    shift_logits: bool = False  # row p of the output predicts position p + 1 (Dream)
+    attention: str = "bidirectional"
+    cache_modes: tuple = CACHE_MODES
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def default_cache(self) -> str:
+        """Exact by default: the block cache where the model is block-causal."""
+        return "block" if self.attention == "block_causal" else "none"
+
+
+def _required(config: dict, names: tuple[str, ...], family: str, path) -> None:
+    for name in names:
+        if config.get(name) in (None, -1):
+            raise DllmExportError(f"{path}: field '{name}' is missing (needed for {family})")
+
+
+def _llada_shape(config: dict, path) -> ModelShape:
+    _required(config, ("d_model", "n_heads", "n_layers", "vocab_size"), "LLaDA", path)
+    heads = config["n_heads"]
+    kv_heads = 1 if config.get("multi_query_attention") else (config.get("n_kv_heads") or heads)
+    hidden = config["d_model"]
+    return ModelShape(
+        family="llada",
+        layers=config["n_layers"],
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=hidden // heads,
+        vocab=config.get("embedding_size") or config["vocab_size"],
+        tied_embeddings=bool(config.get("weight_tying", False)),
+        dense_layers=config["n_layers"],
+        dense_intermediate=config.get("mlp_hidden_size") or config.get("mlp_ratio", 4) * hidden,
+        moe_layers=0,
+    )
+
+
+def _llada_moe_shape(config: dict, path) -> ModelShape:
+    names = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "num_experts", "num_experts_per_tok", "expert_intermediate_size")
+    _required(config, names, "LLaDA-MoE", path)
+    layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    heads = config["num_attention_heads"]
+    moe_flags = config.get("moe_layer_freq") or [1] * layers
+    moe_layers = sum(1 for flag in moe_flags if flag)
+    head_dim = hidden // heads
+    shared = config.get("shared_expert_intermediate_size") or 0
+    return ModelShape(
+        family="llada-moe",
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        vocab=config["vocab_size"],
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        dense_layers=layers - moe_layers,
+        dense_intermediate=config.get("dense_intermediate_size") or 0,
+        moe_layers=moe_layers,
+        experts=config["num_experts"],
+        experts_per_token=config["num_experts_per_tok"],
+        expert_intermediate=config["expert_intermediate_size"],
+        shared_intermediate=max(shared, 0),
+        attention_extra=2 * head_dim if config.get("qk_layernorm", True) else 0,
+    )
+
+
+def _dream_shape(config: dict, path) -> ModelShape:
+    names = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads")
+    _required(config, names, "Dream", path)
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = hidden // heads
+    return ModelShape(
+        family="dream",
+        layers=config["num_hidden_layers"],
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab=config["vocab_size"],
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        dense_layers=config["num_hidden_layers"],
+        dense_intermediate=config["intermediate_size"],
+        moe_layers=0,
+        attention_extra=heads * head_dim + 2 * kv_heads * head_dim,  # q, k, v biases
+    )
+
+
+def _is_llada_moe(config: dict) -> bool:
+    return config.get("model_type") == "llada" and (
+        "num_experts" in config or "expert_intermediate_size" in config)
+
+
+REGISTRY: dict[str, Family] = {
+    family.name: family
+    for family in (
+        # LLaDA-MoE also says model_type 'llada': its MoE keys tell it apart, so it goes first.
+        Family("llada-moe", "llada_moe", _is_llada_moe, _llada_moe_shape,
+               dict(algorithm="llada", gen_length=128, steps=128, block_length=32)),
+        Family("llada", "llada",
+               lambda c: c.get("model_type") == "llada" and "d_model" in c, _llada_shape,
+               dict(algorithm="llada", gen_length=128, steps=128, block_length=32)),
+        Family("dream", "dream",
+               lambda c: isinstance(c.get("model_type"), str) and c["model_type"].lower() == "dream",
+               _dream_shape, dict(algorithm="dream", gen_length=128, steps=128, alg="entropy"),
+               positions="real_count", shift_logits=True),
+    )
+}
+NAMES = tuple(REGISTRY)
+
+
+def family(name: str) -> Family:
+    """The registry entry for ``name``, or one line listing the known families."""
+    if name not in REGISTRY:
+        raise DllmExportError(f"unknown family {name!r}; choose one of {', '.join(NAMES)}")
+    return REGISTRY[name]
+
+
+def detect_family(config: dict, config_path: Path | str = "config.json") -> str:
+    """The family of a config.json, tried in registry order; one line when none matches."""
+    for entry in REGISTRY.values():
+        if entry.matches(config):
+            return entry.name
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise DllmExportError(f"{config_path}: field 'model_type' is missing")
+    if model_type == "llada":
+        raise DllmExportError(
+            f"{config_path}: model_type 'llada' but neither 'd_model' (LLaDA) nor "
+            "'num_experts' (LLaDA-MoE) is present")
+    raise DllmExportError(
+        f"{config_path}: model_type '{model_type}' is not a supported family "
+        f"(supported: {', '.join(NAMES)})")
