@@ -228,7 +228,7 @@ def test_visibility_rules():
     assert not full[1:, 0].any()
     causal = canvas_mask("causal", real)[0]
     assert causal[3].tolist() == [False, True, True, True, False, False]
-    assert canvas_mask("bidirectional", real)[4].tolist() == [[False] + [True] * 5]
+    assert canvas_mask("bidirectional", real)[0, 4].tolist() == [False] + [True] * 5
     # A cached call over positions 2..3 with slots 0..3 written: the slots it recomputes
     # are hidden (its own rows win), padding rows see only themselves.
     valid = np.array([[True, True, True, True, False, False]])
