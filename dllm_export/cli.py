@@ -111,6 +111,14 @@ def sampler_options(func):
         click.option("--seed", type=int, default=None),
         click.option("--no-early-exit", "early_exit", flag_value=False, default=None,
                      help="Keep denoising after the answer has ended with EOS."),
+        click.option("--cache", type=click.Choice(["none", "prefix", "dual", "block"]),
+                     default=None,
+                     help="Key/value cache: none (full canvas), prefix / dual (Fast-dLLM, "
+                          "approximate), block (exact for block-causal models). Default: the "
+                          "family's exact one."),
+        click.option("--attention", type=click.Choice(["bidirectional", "block_causal"]),
+                     default=None, help="Attention rule (default: the family's; block_causal "
+                                        "with --cache block)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -119,7 +127,8 @@ def sampler_options(func):
 
 SAMPLER_KEYS = ("algorithm", "gen_length", "steps", "block_length", "remasking", "threshold",
                 "alg", "alg_temp", "temperature", "top_p", "top_k", "cfg_scale",
-                "logits_eos_inf", "confidence_eos_eot_inf", "seed", "early_exit")
+                "logits_eos_inf", "confidence_eos_eot_inf", "seed", "early_exit", "cache",
+                "attention")
 
 
 def _sampler_overrides(kwargs) -> dict:
@@ -209,17 +218,25 @@ class _StageProgress:
 @click.option("--outputs", default="decode", show_default=True, type=click.Choice(["decode", "logits"]))
 @click.option("--topk", default=8, show_default=True, help="Candidates per position in the decode head.")
 @click.option("--opset", default=18, show_default=True)
+@click.option("--cache", is_flag=True,
+              help="Also export the cached graphs (prefill, step, window, decode) for "
+                   "run --cache prefix|dual|block and the autoregressive baseline.")
+@click.option("--block-length", type=int, default=None,
+              help="Query rows of the step graph (default: the sampler's block length).")
+@click.option("--window", type=int, default=None,
+              help="Rows of the prefix-cache window graph (default: the sampler's gen length).")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check.")
 @click.option("--overwrite", is_flag=True)
 @user_errors
 def export(model_dir, out_dir, seq_len, batch, dtype, moe, moe_block, outputs, topk, opset,
-           no_validate, overwrite):
+           cache, block_length, window, no_validate, overwrite):
     """Export a checkpoint to a validated ONNX artifact."""
     from dllm_export.export.onnx import ExportOptions, export_model
 
     options = ExportOptions(seq_len=seq_len, batch=batch, dtype=dtype, moe=moe, moe_block=moe_block,
                             outputs=outputs, topk=topk, opset=opset, validate=not no_validate,
-                            overwrite=overwrite)
+                            overwrite=overwrite, cache=cache, block_length=block_length,
+                            window=window)
     with _StageProgress() as progress:
         manifest = export_model(model_dir, out_dir, options, report=progress)
     _print_export_summary(out_dir, manifest)

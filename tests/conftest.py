@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 FAMILIES = ("llada", "llada-moe", "dream")
+ARTIFACT_SEQ_LEN = 48
+ARTIFACT_BLOCK = 8  # the step graph's block; the window graph takes 16 (+1 for Dream)
 
 
 @pytest.fixture(scope="session")
@@ -34,5 +36,26 @@ def tiny_model(tiny_dir):
         if family not in loaded:
             loaded[family] = load_model(tiny_dir(family))
         return loaded[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def artifact(tiny_dir, tmp_path_factory):
+    """A function (family, moe) -> artifact directory with the cached graphs, exported
+    once per session (canvas 48, step block 8, prefix window 16)."""
+    from dllm_export.export.onnx import ExportOptions, export_model
+
+    root = tmp_path_factory.mktemp("artifacts")
+    made = {}
+
+    def get(family, moe="sparse"):
+        key = (family, moe)
+        if key not in made:
+            made[key] = root / f"{family}-{moe}"
+            options = ExportOptions(seq_len=ARTIFACT_SEQ_LEN, moe=moe, cache=True,
+                                    block_length=ARTIFACT_BLOCK, window=16)
+            export_model(tiny_dir(family), made[key], options)
+        return made[key]
 
     return get

@@ -25,7 +25,12 @@ from references import causal_reference
 
 from dllm_export import families
 from dllm_export.models.head import canvas_logits
-from dllm_export.runtime.attention import block_ids, cached_mask, canvas_mask, visibility
+from dllm_export.runtime.attention import (
+    block_ids,
+    cached_mask,
+    canvas_mask,
+    visibility,
+)
 from dllm_export.runtime.autoregressive import greedy_decode
 from dllm_export.runtime.backends.torch_backend import TorchBackend
 from dllm_export.runtime.generate import SamplerConfig, Special, denoise

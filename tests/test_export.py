@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import ARTIFACT_SEQ_LEN as SEQ_LEN
 
 from dllm_export import DllmExportError
 from dllm_export.cli import main
@@ -19,24 +20,7 @@ from dllm_export.export.onnx import ExportOptions, export_model
 from dllm_export.runtime import Generator, SamplerConfig, denoise
 from dllm_export.runtime.backends.onnxruntime import OrtBackend
 
-SEQ_LEN = 48
 GEN = 16
-
-
-@pytest.fixture(scope="session")
-def artifact(tiny_dir, tmp_path_factory):
-    """A function (family, moe) -> artifact directory, exported once per session."""
-    root = tmp_path_factory.mktemp("artifacts")
-    made = {}
-
-    def get(family, moe="sparse"):
-        key = (family, moe)
-        if key not in made:
-            made[key] = root / f"{family}-{moe}"
-            export_model(tiny_dir(family), made[key], ExportOptions(seq_len=SEQ_LEN, moe=moe))
-        return made[key]
-
-    return get
 
 
 @pytest.mark.parametrize("family", ["llada", "llada-moe", "dream"])
@@ -47,14 +31,20 @@ def test_export_is_valid_and_tensorrt_clean(family, artifact):
     for row in manifest["validation"]["results"]:
         assert row["top1_agreement"] >= 0.999 and row["cosine_mean"] >= 0.99999, row
     assert [r["case"] for r in manifest["validation"]["results"]] == [
-        "mask_0.1", "mask_0.5", "mask_0.9", "left_padded"]
-    assert manifest["trt_compatibility"] == {"clean": True, "findings": []}
+        "mask_0.1", "mask_0.5", "mask_0.9", "left_padded", "prefill/bidirectional",
+        "window/bidirectional", "prefill/block_causal", "step/block_causal",
+        "commit/block_causal", "step-after-commit/block_causal", "prefill/causal",
+        "decode/causal"]
+    trt = manifest["trt_compatibility"]
+    assert trt["clean"] and trt["findings"] == []
+    assert trt["graphs"] == dict.fromkeys(["canvas", "prefill", "step", "window", "decode"], True)
     assert manifest["shift_logits"] is (family == "dream")
     assert (manifest["moe"] is not None) is (family == "llada-moe")
     assert manifest["shapes"] == {"batch": 1, "seq_len": SEQ_LEN}
     assert sorted(p.name for p in directory.iterdir()) == [
-        "generation_config.json", "manifest.json", "model.onnx", "model.onnx.data", "model_logits.onnx",
-        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+        "decode.onnx", "generation_config.json", "manifest.json", "model.onnx",
+        "model.onnx.data", "model_logits.onnx", "prefill.onnx", "special_tokens_map.json",
+        "step.onnx", "tokenizer.json", "tokenizer_config.json", "window.onnx"]
 
 
 def test_graph_names_follow_checkpoint_modules(artifact):
@@ -159,7 +149,7 @@ def test_export_refuses_bad_options(tiny_dir, tmp_path):
 
 def test_validate_reruns_against_the_checkpoint(artifact):
     manifest = onnx_export.validate_artifact(artifact("dream"))
-    assert manifest["valid"] and len(manifest["validation"]["results"]) == 4
+    assert manifest["valid"] and len(manifest["validation"]["results"]) == 12
 
 
 def test_cli_run_and_one_line_errors(artifact, tmp_path):

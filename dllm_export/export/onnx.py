@@ -2,22 +2,14 @@
 
 The fixed-shape denoiser (``models/head.py: Denoiser``) is traced with
 ``torch.onnx.export(dynamo=True)``, weights always go to external data, the onnxscript
-optimizer cleans the graph, and ``passes.py`` names nodes after their modules. Then the
-graph is linted for TensorRT (``trt_lint``) and ONNX Runtime CPU is compared with PyTorch
-(``validate``). The directory appears only when complete (``atomic_directory``); an
-artifact whose validation failed is written with ``"valid": false`` and the command fails.
-
-Graph I/O (see docs/architecture.md):
-
-| name             | shape     | dtype   |
-|------------------|-----------|---------|
-| input_ids        | [B, L]    | int64   |
-| attention_mask   | [B, L]    | int64   |
-| topk_ids         | [B, L, K] | int64   |
-| topk_logprobs    | [B, L, K] | float32 |
-| neg_entropy      | [B, L]    | float32 |
-| special_logprobs | [B, L, S] | float32 |
-| logits (instead) | [B, L, V] | float32 |
+optimizer cleans the graph, and ``passes.py`` names nodes after their modules. With
+``cache=True`` the cached graphs (``CachedDenoiser``: prefill, step, window, decode) are
+traced from the same modules and share the canvas graph's weights file
+(``shared_weights.py``). Then every graph is linted for TensorRT (``trt_lint``) and ONNX
+Runtime CPU is compared with PyTorch (``validate``). The directory appears only when
+complete (``atomic_directory``); an artifact whose validation failed is written with
+``"valid": false`` and the command fails. Every graph's inputs and outputs are in
+``dllm_export/contract.py``.
 """
 
 from __future__ import annotations
@@ -33,6 +25,7 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
+from dllm_export import contract, families
 from dllm_export.errors import DllmExportError
 from dllm_export.jsonio import atomic_directory, write_json
 
@@ -44,18 +37,7 @@ EXPORT_STRATEGIES = ("dense", "sparse", "ort")
 # quantiser handles; `ort` (com.microsoft::MoE) is faster still but ONNX Runtime only.
 DEFAULT_MOE = "dense"
 LOGITS_GRAPH = "model_logits.onnx"  # same graph and weights, plus the full logits output
-DECODE_OUTPUTS = ("topk_ids", "topk_logprobs", "neg_entropy", "special_logprobs")
-INPUTS = (
-    {"name": "input_ids", "dtype": "int64", "meaning": "canvas: left-padded prompt, committed tokens, mask ids"},
-    {"name": "attention_mask", "dtype": "int64", "meaning": "1 for real tokens, 0 for left padding"},
-)
-OUTPUT_MEANINGS = {
-    "topk_ids": ("int64", "the K most likely tokens per position, best first"),
-    "topk_logprobs": ("float32", "their log-probabilities over the whole vocabulary"),
-    "neg_entropy": ("float32", "sum p log(p + 1e-10) per position"),
-    "special_logprobs": ("float32", "log-probabilities of special_ids (EOS, EoT)"),
-    "logits": ("float32", "full logits; row p predicts position p"),
-}
+TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 @dataclass
@@ -70,6 +52,9 @@ class ExportOptions:
     topk: int = 8
     validate: bool = True
     overwrite: bool = False
+    cache: bool = False  # also the cached graphs (contract.CACHED_GRAPHS)
+    block_length: int | None = None  # step rows; default: the sampler's block length
+    window: int | None = None  # prefix-cache rows; default: the sampler's gen_length
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -87,6 +72,13 @@ class ExportOptions:
                 f"--opset {self.opset}: the torch.export-based exporter writes opsets 18 to 24")
         if self.topk < 2:
             raise DllmExportError("--topk must be at least 2 (margins need the runner-up)")
+        for flag, value in (("--block-length", self.block_length), ("--window", self.window)):
+            if value is not None and not 1 <= value < self.seq_len:
+                raise DllmExportError(
+                    f"{flag} {value}: must be at least 1 and below --seq-len {self.seq_len}")
+        if (self.block_length or self.window) and not self.cache:
+            raise DllmExportError("--block-length and --window size the cached graphs: "
+                                  "add --cache")
 
 
 def _torch_dtype(name: str):
@@ -123,19 +115,16 @@ def fit_generation_defaults(defaults, seq_len: int):
                                block_length=block)
 
 
-def _trace(denoiser, options: ExportOptions, has_moe: bool):
-    """torch.onnx.export(dynamo=True) with the exporter's chatter kept off the terminal."""
+def _trace(module, example: tuple, spec, options: ExportOptions, has_moe: bool):
+    """torch.onnx.export(dynamo=True) of ``module`` to ``spec``'s names, with the
+    exporter's chatter kept off the terminal."""
     import torch
 
-    batch, length = options.batch, options.seq_len
-    example = (torch.zeros(batch, length, dtype=torch.long),
-               torch.ones(batch, length, dtype=torch.long))
     table = None
     if has_moe and options.moe == "ort":
         from dllm_export.export.onnx_moe import translation_table
 
         table = translation_table()
-    outputs = list(DECODE_OUTPUTS) if options.outputs == "decode" else ["logits"]
     log = io.StringIO()
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
@@ -145,50 +134,117 @@ def _trace(denoiser, options: ExportOptions, has_moe: bool):
     # nothing a user can act on, so the exporter keeps it at ERROR from here on.
     logging.getLogger("onnx_ir").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
-            warnings.catch_warnings():
+            warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
-                denoiser, example, None, dynamo=True, opset_version=options.opset,
-                input_names=[i["name"] for i in INPUTS], output_names=outputs,
+                module, example, None, dynamo=True, opset_version=options.opset,
+                input_names=spec.input_names(), output_names=spec.output_names(),
                 custom_translation_table=table, optimize=True, verbose=False,
             )
         except Exception as err:
             raise DllmExportError(
-                f"torch.onnx.export failed: {type(err).__name__}: {str(err).splitlines()[0]}"
+                f"torch.onnx.export failed ({spec.name} graph): {type(err).__name__}: "
+                f"{str(err).splitlines()[0]}"
             ) from err
         finally:
             quiet.setLevel(level)
-    return program, outputs
+    return program
 
 
-def _manifest(checkpoint, options, special, tokenizer, model, outputs, defaults) -> dict:
-    from dllm_export.models import family_module
+def _example(spec, dtype):
+    """Zero inputs of ``spec``'s shapes (an all-visible mask, positions 0..Lq-1)."""
+    import torch
 
-    module = family_module(checkpoint.family)
+    out = []
+    for tensor in spec.inputs:
+        if tensor.dtype == "bool":
+            out.append(torch.ones(tensor.shape, dtype=torch.bool))
+        elif tensor.name == "position_ids":
+            out.append(torch.arange(tensor.shape[1]).expand(tensor.shape).contiguous())
+        elif tensor.dtype == "int64":
+            value = torch.ones if tensor.name == "attention_mask" else torch.zeros
+            out.append(value(tensor.shape, dtype=torch.long))
+        else:
+            out.append(torch.zeros(tensor.shape, dtype=dtype))
+    return tuple(out)
+
+
+def _cached_specs(checkpoint, options: ExportOptions, defaults, special_count: int) -> dict:
+    """The cached graphs' specs (contract.py) at this export's shapes."""
+    from dllm_export.model_shape import model_shape
+
+    shape = model_shape(checkpoint.config, checkpoint.family)
+    entry = families.family(checkpoint.family)
+    shift = int(entry.shift_logits)
+    length = options.seq_len
+    block = options.block_length or min(defaults.block_length or 32, length // 2)
+    window = options.window or defaults.gen_length
+    if max(block, window) + shift > length:
+        raise DllmExportError(
+            f"--block-length {block} / --window {window} (+{shift} for a shifted family) do "
+            f"not fit --seq-len {length}")
+    specs = {}
+    for name in contract.CACHED_GRAPHS:
+        rows = contract.cached_rows(name, length, block, window, shift)
+        specs[name] = contract.cached_graph(
+            name, options.batch, rows, length, shape.layers, shape.kv_heads, shape.head_dim,
+            TORCH_DTYPE_NAMES[options.dtype], options.topk, special_count)
+    return {"block_length": block, "window": window, "shift": shift, "specs": specs,
+            "layers": shape.layers, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim}
+
+
+def _export_cached(model, head, cached: dict, tmp: Path, options, has_moe, report) -> None:
+    """Trace every cached graph and point its weights into model.onnx.data."""
+    from dllm_export.export.passes import run_passes
+    from dllm_export.export.shared_weights import WeightsFile
+    from dllm_export.models.head import CachedDenoiser
+
+    weights = WeightsFile(tmp / "model.onnx")
+    dtype = _torch_dtype(options.dtype)
+    for name, spec in cached["specs"].items():
+        report("trace", f"{name} graph, {spec.queries} query rows over {spec.capacity} slots")
+        module = CachedDenoiser(model, head, cached["layers"], with_past=spec.capacity > 0)
+        program = _trace(module, _example(spec, dtype), spec, options, has_moe)
+        run_passes(program.model)
+        program.save(str(tmp / spec.file), external_data=True)
+        del program
+        gc.collect()
+        weights.adopt(tmp / spec.file)
+
+
+def _manifest(checkpoint, options, special, tokenizer, model, canvas, defaults, cached) -> dict:
+    entry = families.family(checkpoint.family)
     moe_blocks = getattr(model, "moe_blocks", lambda: [])()
     moe = None
     if moe_blocks:
         first = moe_blocks[0]
         moe = {"strategy": options.moe, "block": options.moe_block,
                "experts": len(first.experts), "top_k": first.top_k}
-    batch, length = options.batch, options.seq_len
     special_ids = [t for t in (special.eos_id, special.eot_id) if t is not None]
-    shapes = {"input_ids": [batch, length], "attention_mask": [batch, length],
-              "topk_ids": [batch, length, options.topk],
-              "topk_logprobs": [batch, length, options.topk],
-              "neg_entropy": [batch, length],
-              "special_logprobs": [batch, length, len(special_ids)],
-              "logits": [batch, length, model_vocab(model)]}
+    cache = None
+    if cached:
+        cache = {
+            "capacity": options.seq_len, "layout": contract.CACHE_LAYOUT,
+            "kinds": list(contract.CACHE_KINDS), "stored": "after RoPE",
+            "dtype": TORCH_DTYPE_NAMES[options.dtype], "layers": cached["layers"],
+            "kv_heads": cached["kv_heads"], "head_dim": cached["head_dim"],
+            "block_length": cached["block_length"], "window": cached["window"],
+            "shift": cached["shift"], "modes": list(entry.cache_modes),
+            "default": entry.default_cache, "attention": entry.attention,
+            "positions": entry.positions,
+            "graphs": {name: spec.as_dict() for name, spec in cached["specs"].items()},
+        }
     return {
         "format": "dllm-export",
         "format_version": 1,
+        "contract_version": contract.CONTRACT_VERSION,
         "kind": "onnx",
         "family": checkpoint.family,
         "source": {"checkpoint": str(checkpoint.directory.resolve()),
                    "fingerprint": checkpoint.fingerprint(), "config": checkpoint.config},
         "graph": {"file": "model.onnx", "data": "model.onnx.data", "opset": options.opset},
-        "shapes": {"batch": batch, "seq_len": length},
+        "shapes": {"batch": options.batch, "seq_len": options.seq_len},
         "dtype": options.dtype,
         "precision": options.dtype,
         "vocab_size": model_vocab(model),
@@ -197,11 +253,11 @@ def _manifest(checkpoint, options, special, tokenizer, model, outputs, defaults)
         "special_ids": special_ids,
         "topk": options.topk,
         "outputs": options.outputs,
-        "shift_logits": bool(module.SHIFT_LOGITS),
+        "shift_logits": entry.shift_logits,
         "moe": moe,
-        "inputs": [{**spec, "shape": shapes[spec["name"]]} for spec in INPUTS],
-        "output_specs": [{"name": name, "shape": shapes[name], "dtype": OUTPUT_MEANINGS[name][0],
-                          "meaning": OUTPUT_MEANINGS[name][1]} for name in outputs],
+        "inputs": [asdict(t) for t in canvas.inputs],
+        "output_specs": [asdict(t) for t in canvas.outputs],
+        "cache": cache,
         "generation_defaults": asdict(defaults),
         "versions": _versions(),
         "validation": None,
@@ -209,6 +265,19 @@ def _manifest(checkpoint, options, special, tokenizer, model, outputs, defaults)
         "quantization": None,
         "valid": False,
     }
+
+
+def _lint_graphs(directory: Path, manifest: dict, check_trt) -> dict:
+    """TensorRT lint of the canvas graph and every cached graph."""
+    files = {"canvas": manifest["graph"]["file"]}
+    files.update({name: spec["file"]
+                  for name, spec in ((manifest.get("cache") or {}).get("graphs") or {}).items()})
+    findings, clean = [], {}
+    for name, file in files.items():
+        found = check_trt(directory / file)
+        clean[name] = not any(f.severity == "error" for f in found)
+        findings += [{**asdict(f), "graph": name} for f in found]
+    return {"clean": all(clean.values()), "graphs": clean, "findings": findings}
 
 
 def model_vocab(model) -> int:
@@ -255,14 +324,17 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
         set_moe_strategy(model, options.moe, options.moe_block)
     special_ids = tuple(t for t in (special.eos_id, special.eot_id) if t is not None)
     head = DecodeHead(options.topk, special_ids) if options.outputs == "decode" else None
+    canvas = contract.canvas_graph(options.batch, options.seq_len, options.topk,
+                                   len(special_ids), model_vocab(model), options.outputs)
     report("trace", f"torch.onnx.export dynamo, opset {options.opset}, [{options.batch}, {options.seq_len}]")
-    program, outputs = _trace(Denoiser(model, head), options, has_moe)
+    program = _trace(Denoiser(model, head), _example(canvas, None), canvas, options, has_moe)
     from dllm_export.export.passes import run_passes, write_logits_graph
 
     run_passes(program.model)
     defaults = fit_generation_defaults(
         sampler_defaults(checkpoint.family, checkpoint.generation_config), options.seq_len)
-    manifest = _manifest(checkpoint, options, special, tokenizer, model, outputs, defaults)
+    cached = _cached_specs(checkpoint, options, defaults, len(special_ids)) if options.cache else None
+    manifest = _manifest(checkpoint, options, special, tokenizer, model, canvas, defaults, cached)
     with atomic_directory(out_dir, overwrite=options.overwrite) as tmp:
         report("save", "model.onnx + external data")
         program.save(str(tmp / "model.onnx"), external_data=True)
@@ -271,15 +343,14 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
         if options.outputs == "decode":
             write_logits_graph(tmp / "model.onnx", tmp / LOGITS_GRAPH)
             manifest["graph"]["logits_file"] = LOGITS_GRAPH
+        if cached:
+            _export_cached(model, DecodeHead(options.topk, special_ids), cached, tmp, options,
+                           has_moe, report)
         for name in TOKENIZER_FILES:
             if (Path(model_dir) / name).is_file():
                 shutil.copy2(Path(model_dir) / name, tmp / name)
         report("check-trt", "TensorRT operator support")
-        findings = check_trt(tmp / "model.onnx")
-        manifest["trt_compatibility"] = {
-            "clean": not any(f.severity == "error" for f in findings),
-            "findings": [asdict(f) for f in findings],
-        }
+        manifest["trt_compatibility"] = _lint_graphs(tmp, manifest, check_trt)
         if options.validate:
             report("validate", "ONNX Runtime CPU vs PyTorch")
             if has_moe:

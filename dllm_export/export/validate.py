@@ -93,8 +93,75 @@ def compare_decode(ref: tuple, got: tuple) -> dict:
     }
 
 
+def _compare_rows(ref, got, rows) -> dict:
+    metrics = compare_decode(
+        (ref.topk_ids[rows], ref.topk_logprobs[rows], ref.neg_entropy[rows]),
+        (got.topk_ids[rows], got.topk_logprobs[rows], got.neg_entropy[rows]))
+    return {**metrics, "positions": int(rows.sum())}
+
+
+def cached_cases(reference, backend, manifest: dict):
+    """(name, metrics) of the cached graphs, each call made on both backends with the same
+    inputs: a prefill under each rule, then a block step over the cache, a commit that
+    writes the block, the next block's step (which reads what was written), a prefix
+    window, and a causal decode step. Compared on real query rows."""
+    from dllm_export.runtime.attention import (
+        block_ids,
+        cached_mask,
+        canvas_mask,
+        rope_positions,
+    )
+
+    cache = manifest["cache"]
+    _, ids, attention, _ = validation_canvases(manifest)[-1]  # left-padded, half masked
+    batch, length = ids.shape
+    block, shift = cache["block_length"], cache["shift"]
+    start = max(1, length - cache["window"])  # where generation starts at the window's length
+    real = attention.astype(bool)
+    positions = rope_positions(real, cache["positions"])
+    blocks = block_ids(length, start, block)
+
+    def both(method, *args, **kwargs):
+        return getattr(reference, method)(*args, **kwargs), getattr(backend, method)(*args, **kwargs)
+
+    def window(first, last, valid, rule, write=None):
+        rows = backend.rows_for(last - first)
+        queries = np.full((batch, rows), -1, dtype=np.int64)
+        queries[:, : last - first] = np.arange(first, last)
+        safe = np.where(queries >= 0, queries, 0)
+        mask = cached_mask(rule, queries, valid, real, blocks)
+        ref, got = both("cached_step", np.take_along_axis(ids, safe, 1),
+                        np.take_along_axis(positions, safe, 1), mask, write)
+        return _compare_rows(ref, got, queries >= 0)
+
+    for rule in ("bidirectional", "block_causal", "causal"):
+        for side in (reference, backend):
+            side.reset_cache(batch, length)
+        ref, got = both("prefill", ids, positions, canvas_mask(rule, real, blocks))
+        yield f"prefill/{rule}", _compare_rows(ref, got, real)
+        valid = np.zeros((batch, length), dtype=bool)
+        if rule == "block_causal":
+            valid[:, :start] = True
+            first = start - shift
+            yield "step/block_causal", window(first, start + block, valid, rule)
+            yield "commit/block_causal", window(first, start + block, valid, rule,
+                                                write=(shift, start, block))
+            valid[:, start:start + block] = True
+            last = min(start + 2 * block, length)
+            if last > start + block:  # reads what the commit wrote
+                yield "step-after-commit/block_causal", window(
+                    start + block - shift, last, valid, rule)
+        elif rule == "bidirectional":
+            valid[:, : start - shift] = True
+            yield "window/bidirectional", window(start - shift, length, valid, rule)
+        else:
+            valid[:, :start] = True
+            yield "decode/causal", window(start, start + 1, valid, rule)
+
+
 def run_validation(reference, backend, manifest: dict, progress=None) -> dict:
-    """Compare ``backend`` (ONNX Runtime) with ``reference`` (a TorchBackend) on every case."""
+    """Compare ``backend`` (ONNX Runtime) with ``reference`` (a TorchBackend) on every case:
+    the canvas graph, then (when the artifact has them) the cached graphs."""
     dtype = manifest.get("dtype", "fp32")
     bars = BARS.get(dtype, BARS["fp32"])
     results = []
@@ -111,6 +178,11 @@ def run_validation(reference, backend, manifest: dict, progress=None) -> dict:
         results.append({"case": name, **metrics})
         if progress:
             progress(name, metrics)
+    if manifest.get("cache"):
+        for name, metrics in cached_cases(reference, backend, manifest):
+            results.append({"case": name, **metrics})
+            if progress:
+                progress(name, metrics)
     passed = all(r["top1_agreement"] >= bars["top1_agreement"] and r["cosine_mean"] >= bars["cosine"]
                  for r in results)
     return {"passed": passed, "reference": f"PyTorch ({dtype}) on CPU", "bars": bars,

@@ -1,4 +1,12 @@
-"""The ONNX Runtime backend: an exported artifact on the CPU, CUDA or TensorRT provider."""
+"""The ONNX Runtime backend: an exported artifact on the CPU, CUDA or TensorRT provider.
+
+Cached graphs (contract.py) run through IOBinding: the cache is one numpy array per layer
+and kind, wrapped once as an OrtValue (on the CPU that shares the array's memory), bound
+as the ``past_*`` inputs of every step and as the ``present_*`` outputs of the prefill, so
+the prefill writes the cache in place and no step copies it. A step's own keys and values
+land in preallocated arrays; a commit copies only its rows into the cache.
+``bytes_moved`` counts what crosses between the runtime and ONNX Runtime.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dllm_export import contract
 from dllm_export.errors import DllmExportError
 from dllm_export.runtime.backends.base import Backend
 from dllm_export.runtime.prediction import Prediction, summarize_logits
@@ -15,7 +24,8 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
-DECODE_OUTPUTS = ("topk_ids", "topk_logprobs", "neg_entropy", "special_logprobs")
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64,
+                "bool": np.bool_}
 
 
 def provider_list(provider: str, directory: Path, manifest: dict) -> list:
@@ -55,7 +65,6 @@ class OrtBackend(Backend):
                  threads: int | None = None, logits: bool = False):
         """``logits=True`` loads the graph variant that also outputs full logits (for eval,
         calibration and CFG on decode-head artifacts)."""
-        import onnxruntime as ort
 
         directory = Path(directory)
         graph = directory / manifest["graph"]["file"]
@@ -68,17 +77,9 @@ class OrtBackend(Backend):
             self.has_logits = True
         if not graph.is_file():
             raise DllmExportError(f"{graph}: graph file named in manifest.json is missing")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(
-                str(graph), options, providers=provider_list(provider, directory, manifest))
-        except DllmExportError:
-            raise
-        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise DllmExportError(f"{graph}: onnxruntime cannot load it ({err})") from None
+        self.directory, self.manifest = directory, manifest
+        self.threads, self.provider_name = threads, provider
+        self.session = self._open(graph)
         self.provider = provider
         self.outputs = manifest.get("outputs", "decode")
         self.seq_len = manifest["shapes"]["seq_len"]
@@ -86,6 +87,29 @@ class OrtBackend(Backend):
         self.topk = manifest.get("topk", 8)
         self.special_ids = tuple(manifest.get("special_ids", ()))
         self.input_names = {i.name for i in self.session.get_inputs()}
+        self.graphs = contract.graph_specs(manifest, str(directory / "manifest.json"))
+        self.has_cached_graphs = bool(self.graphs)
+        self.sessions, self.bound = {}, {}
+        self.cache_arrays = None
+        self.bytes_moved = {"inputs": 0, "outputs": 0, "cache_writes": 0}
+
+    def _open(self, graph: Path):
+        import onnxruntime as ort
+
+        if not graph.is_file():
+            raise DllmExportError(f"{graph}: graph file named in manifest.json is missing")
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        options.log_severity_level = 3
+        try:
+            return ort.InferenceSession(
+                str(graph), options,
+                providers=provider_list(self.provider_name, self.directory, self.manifest))
+        except DllmExportError:
+            raise
+        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise DllmExportError(f"{graph}: onnxruntime cannot load it ({err})") from None
 
     def _feeds(self, input_ids, attention_mask):
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64)}
@@ -98,10 +122,98 @@ class OrtBackend(Backend):
             logits = self._run_logits(input_ids, attention_mask)
             return summarize_logits(logits, self.topk, self.special_ids)
         ids, logprobs, entropy, special = self.session.run(
-            list(DECODE_OUTPUTS), self._feeds(input_ids, attention_mask))
+            list(contract.DECODE_OUTPUTS), self._feeds(input_ids, attention_mask))
         return Prediction(ids, logprobs, entropy, special, self.special_ids)
 
     def _run_logits(self, input_ids, attention_mask):
         if not self.has_logits:
             return super()._run_logits(input_ids, attention_mask)
         return self.session.run(["logits"], self._feeds(input_ids, attention_mask))[0]
+
+    # --------------------------------------------------------------- cached graphs
+
+    def rows_for(self, needed: int) -> int:
+        fits = sorted(spec.queries for spec in self.graphs.values()
+                      if spec.capacity and spec.queries >= needed)
+        if not fits:
+            have = sorted(spec.queries for spec in self.graphs.values() if spec.capacity)
+            raise DllmExportError(
+                f"{self.directory}: a cached call needs {needed} query rows; the artifact's "
+                f"cached graphs take {have}: re-export with --cache and a larger --window "
+                "(prefix) or --block-length")
+        return fits[0]
+
+    def reset_cache(self, batch: int, capacity: int) -> None:
+        import onnxruntime as ort
+
+        if not self.graphs:
+            self._no_cache()
+        if capacity != self.seq_len:
+            raise DllmExportError(f"a cache of {capacity} slots; the artifact holds {self.seq_len}")
+        if self.cache_arrays is None:  # allocated once, reused by every generation
+            spec = self.graphs["prefill"]
+            self.cache_arrays = {}
+            for tensor in spec.outputs[len(contract.DECODE_OUTPUTS):]:
+                array = np.zeros(tensor.shape, dtype=NUMPY_DTYPES[tensor.dtype])
+                self.cache_arrays[tensor.name.replace("present_", "", 1)] = (
+                    array, ort.OrtValue.ortvalue_from_numpy(array))
+
+    def _binding(self, name: str):
+        """The session and IOBinding of a cached graph, with the cache bound once."""
+        import onnxruntime as ort
+
+        if name not in self.bound:
+            spec = self.graphs[name]
+            session = self.sessions.get(name) or self._open(self.directory / spec.file)
+            self.sessions[name] = session
+            binding = session.io_binding()
+            outputs = {}
+            for tensor in spec.outputs:
+                cache_name = tensor.name.replace("present_", "", 1)
+                if spec.capacity == 0 and cache_name in self.cache_arrays:
+                    array, value = self.cache_arrays[cache_name]  # prefill writes in place
+                else:
+                    array = np.empty(tensor.shape, dtype=NUMPY_DTYPES[tensor.dtype])
+                    value = ort.OrtValue.ortvalue_from_numpy(array)
+                binding.bind_ortvalue_output(tensor.name, value)
+                outputs[tensor.name] = array
+            for tensor in spec.inputs:
+                if tensor.name.startswith("past_"):
+                    binding.bind_ortvalue_input(
+                        tensor.name, self.cache_arrays[tensor.name.replace("past_", "", 1)][1])
+            self.bound[name] = (session, binding, outputs, spec)
+        return self.bound[name]
+
+    def _run_bound(self, name, input_ids, position_ids, attention_mask):
+        session, binding, outputs, spec = self._binding(name)
+        for input_name, array, dtype in (("input_ids", input_ids, np.int64),
+                                         ("position_ids", position_ids, np.int64),
+                                         ("attention_mask", attention_mask, np.bool_)):
+            array = np.ascontiguousarray(array, dtype=dtype)
+            binding.bind_cpu_input(input_name, array)
+            self.bytes_moved["inputs"] += array.nbytes
+        session.run_with_iobinding(binding)
+        head = [outputs[n].copy() for n in contract.DECODE_OUTPUTS]
+        self.bytes_moved["outputs"] += sum(a.nbytes for a in head)
+        return Prediction(*head, self.special_ids), outputs, spec
+
+    def _graph_for(self, rows: int) -> str:
+        for name, spec in self.graphs.items():
+            if spec.capacity and spec.queries == rows:
+                return name
+        raise DllmExportError(f"{self.directory}: no cached graph takes {rows} query rows")
+
+    def _run_prefill(self, input_ids, position_ids, attention_mask) -> Prediction:
+        pred, _, _ = self._run_bound("prefill", input_ids, position_ids, attention_mask)
+        return pred
+
+    def _run_cached_step(self, input_ids, position_ids, attention_mask, write) -> Prediction:
+        name = self._graph_for(input_ids.shape[1])
+        pred, outputs, spec = self._run_bound(name, input_ids, position_ids, attention_mask)
+        if write is not None:
+            row, slot, count = write
+            for cache_name, (array, _) in self.cache_arrays.items():
+                new = outputs["present_" + cache_name][:, :, row:row + count]
+                array[:, :, slot:slot + count] = new
+                self.bytes_moved["cache_writes"] += new.nbytes
+        return pred

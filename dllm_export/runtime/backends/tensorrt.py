@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from dllm_export.contract import DECODE_OUTPUTS
 from dllm_export.errors import DllmExportError
 from dllm_export.runtime.backends.base import Backend
 from dllm_export.runtime.prediction import Prediction
 
-DECODE_OUTPUTS = ("topk_ids", "topk_logprobs", "neg_entropy", "special_logprobs")
 INSTALL_HINT = {
     "tensorrt": (
         "on a Jetson it ships with JetPack (sudo apt install nvidia-jetpack; use the system "

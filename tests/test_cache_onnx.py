@@ -1,0 +1,151 @@
+"""The cached graphs on ONNX Runtime: the same tokens as PyTorch in every cache mode, the
+block cache exact, the cache bound in place, weights shared, the contract enforced.
+
+Tolerance: tokens exactly at temperature 0 (fp32 graphs agree with PyTorch to about 5e-7
+in log-probability, see the validation table of each artifact).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import ARTIFACT_BLOCK, ARTIFACT_SEQ_LEN
+
+from dllm_export import families
+from dllm_export.cli import main
+from dllm_export.errors import DllmExportError
+from dllm_export.runtime import Generator, SamplerConfig, denoise
+from dllm_export.runtime.autoregressive import greedy_decode
+from dllm_export.runtime.backends.onnxruntime import OrtBackend
+
+GEN = 16
+
+
+def _backends(family, artifact, tiny_dir):
+    torch_gen = Generator.from_checkpoint(tiny_dir(family))
+    manifest = json.loads((artifact(family) / "manifest.json").read_text())
+    return torch_gen, OrtBackend(artifact(family), manifest), manifest
+
+
+def _prompt(seed=3):
+    return [int(t) for t in np.random.default_rng(seed).integers(0, 300, ARTIFACT_SEQ_LEN - GEN)]
+
+
+CASES = {
+    "schedule": dict(gen_length=GEN, steps=GEN, block_length=ARTIFACT_BLOCK),
+    "threshold": dict(gen_length=GEN, steps=GEN, block_length=ARTIFACT_BLOCK, threshold=0.2),
+}
+MODES = {"llada": ["prefix", "dual", "block"], "llada-moe": ["prefix", "dual", "block"],
+         "dream": ["block"]}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("family", ["llada", "llada-moe", "dream"])
+def test_onnx_cached_modes_commit_pytorchs_tokens(family, case, artifact, tiny_dir):
+    torch_gen, ort_backend, _ = _backends(family, artifact, tiny_dir)
+    entry = families.family(family)
+    for mode in MODES[family]:
+        config = SamplerConfig(algorithm="llada", cache=mode, early_exit=False, **CASES[case])
+        expected = denoise(torch_gen.backend, [_prompt()], config, torch_gen.special,
+                           family=entry)
+        got = denoise(ort_backend, [_prompt()], config, torch_gen.special, family=entry)
+        assert got.sequences.tolist() == expected.sequences.tolist(), mode
+        assert got.forwards == expected.forwards
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_onnx_block_cache_is_exact(family, artifact, tiny_dir):
+    torch_gen, ort_backend, _ = _backends(family, artifact, tiny_dir)
+    steps = {}
+    for name, overrides in (("block", dict(cache="block")),
+                            ("canvas", dict(cache="none", attention="block_causal"))):
+        record = []
+        config = SamplerConfig(algorithm="llada", early_exit=False, **CASES["schedule"],
+                               **overrides)
+        denoise(ort_backend, [_prompt(5)], config, torch_gen.special,
+                on_step=lambda info, record=record: record.append(info.canvas.copy()),
+                family=families.family(family))
+        steps[name] = np.array(record)
+    np.testing.assert_array_equal(steps["block"], steps["canvas"])
+
+
+@pytest.mark.parametrize("family", ["llada-moe", "dream"])
+def test_onnx_autoregressive_decoding_matches_pytorch(family, artifact, tiny_dir):
+    torch_gen, ort_backend, _ = _backends(family, artifact, tiny_dir)
+    rule = families.family(family).positions
+    prompt = _prompt()[:12]
+    want = greedy_decode(torch_gen.backend, prompt, 20, pad_id=0, positions_rule=rule)
+    got = greedy_decode(ort_backend, prompt, 20, pad_id=0, positions_rule=rule)
+    assert got.tokens == want.tokens
+    with pytest.raises(DllmExportError, match="re-export with a larger --seq-len"):
+        greedy_decode(ort_backend, prompt, ARTIFACT_SEQ_LEN, pad_id=0)
+
+
+def test_the_cache_is_bound_in_place_and_only_commits_are_copied(artifact, tiny_dir):
+    torch_gen, backend, manifest = _backends("llada", artifact, tiny_dir)
+    cache = manifest["cache"]
+    per_row = 2 * cache["layers"] * cache["kv_heads"] * cache["head_dim"] * 4  # fp32 k and v
+    for mode, commits in (("dual", 0), ("block", GEN // ARTIFACT_BLOCK - 1)):
+        before = dict(backend.bytes_moved)
+        config = SamplerConfig(algorithm="llada", cache=mode, early_exit=False,
+                               **CASES["schedule"])
+        result = denoise(backend, [_prompt()], config, torch_gen.special)
+        written = backend.bytes_moved["cache_writes"] - before["cache_writes"]
+        assert written == commits * ARTIFACT_BLOCK * per_row, mode
+        inputs = (backend.bytes_moved["inputs"] - before["inputs"]) / result.forwards
+        assert inputs < 0.25 * ARTIFACT_SEQ_LEN * per_row  # ids, positions, mask only
+    for name, (array, value) in backend.cache_arrays.items():
+        assert value.data_ptr() == array.ctypes.data, name  # the OrtValue is the array
+
+
+def test_cached_graphs_share_the_weights_file(artifact):
+    import onnx
+
+    directory = artifact("llada-moe")
+    canvas = onnx.load(str(directory / "model.onnx"), load_external_data=False)
+    canvas_bytes = sum(int(next(e.value for e in t.external_data if e.key == "length"))
+                       for t in canvas.graph.initializer if t.external_data)
+    assert (directory / "model.onnx.data").stat().st_size < 1.05 * canvas_bytes
+    assert sorted(p.name for p in directory.glob("*.data")) == ["model.onnx.data"]
+    for graph in ("prefill", "step", "window", "decode"):
+        model = onnx.load(str(directory / f"{graph}.onnx"), load_external_data=False)
+        places = {e.value for t in model.graph.initializer for e in t.external_data
+                  if e.key == "location"}
+        assert places == {"model.onnx.data"}, graph
+
+
+def test_a_newer_contract_is_refused_in_one_line(artifact, tmp_path):
+    copy = tmp_path / "newer"
+    shutil.copytree(artifact("llada"), copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["contract_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["run", str(copy), "--prompt", "hi"])
+    assert result.exit_code == 1
+    assert "graph contract version 99; this dllm-export reads versions 1 to 2" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_cache_modes_and_refusals(artifact, tiny_dir, tmp_path):
+    from dllm_export.export.onnx import ExportOptions, export_model
+
+    runner = CliRunner()
+    base = ["run", str(artifact("llada")), "--prompt", "Hello", "--gen-length", "16",
+            "--steps", "16", "--block-length", "8"]
+    for mode in ("none", "prefix", "dual", "block"):
+        result = runner.invoke(main, [*base, "--cache", mode])
+        assert result.exit_code == 0, result.output
+    canvas_only = tmp_path / "canvas"
+    export_model(tiny_dir("llada"), canvas_only, ExportOptions(seq_len=32, validate=False))
+    result = runner.invoke(main, ["run", str(canvas_only), "--prompt", "Hi", "--cache", "dual",
+                                  "--gen-length", "8", "--steps", "8", "--block-length", "8"])
+    assert result.exit_code == 1
+    assert "--cache dual: this onnxruntime backend has no cached graphs; export with --cache" \
+        in result.output
+    result = runner.invoke(main, ["export", str(tiny_dir("llada")), "-o", str(tmp_path / "x"),
+                                  "--block-length", "8"])
+    assert result.exit_code == 1 and "add --cache" in result.output
