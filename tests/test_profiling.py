@@ -1,26 +1,21 @@
-"""profile: roofline arithmetic shared with plan, the autoregressive KV-cache baseline, the
-report files, threshold sweeps and bad input. Measurements run in-process on tiny
+"""profile: roofline arithmetic shared with plan, cache-mode sweeps beside the
+autoregressive baseline, the report files, threshold sweeps and bad input. Measurements run in-process on tiny
 checkpoints with one short run per point: only structure and relations are checked, never
 speeds."""
 
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 
 import pytest
-import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
 
 from dllm_export.cli import main
 from dllm_export.errors import DllmExportError
 from dllm_export.export.plan import plan_model
 from dllm_export.model_shape import model_shape
-from dllm_export.models import FAMILIES
 from dllm_export.profiling import analysis
-from dllm_export.profiling.autoregressive import CausalLM
 from dllm_export.profiling.runner import ProfileOptions, profile_target
 from dllm_export.profiling.sweeps import parse_sweep
 from tests.test_plan import TINY_LLADA, fake_profile
@@ -55,41 +50,6 @@ def test_roofline_floor_by_hand_matches_plan(tmp_path):
     token = analysis.autoregressive_roofline(shape, device, "fp16", 4, None)
     assert token["floor_ms"] == pytest.approx(1.632e-3)
     assert planned["roofline"]["autoregressive_token"]["floor_ms"] == token["floor_ms"]
-
-
-def _causal_attention(q, k, v, bias):
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    batch, heads, length, head_dim = out.shape
-    return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
-
-
-@pytest.mark.parametrize("family", ["llada", "llada-moe", "dream"])
-def test_kv_cache_matches_full_causal_forward(family, tiny_model, monkeypatch):
-    model, _ = tiny_model(family)
-    module = importlib.import_module(f"dllm_export.models.{FAMILIES[family]}")
-    ids = torch.randint(5, 200, (1, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), monkeypatch.context() as patch:
-        patch.setattr(
-            module, "attention", _causal_attention
-        )  # the family's forward, causal
-        reference = model(ids)
-    if (
-        module.SHIFT_LOGITS
-    ):  # Dream's row p holds raw row p - 1: undo it (last row is lost)
-        reference = reference[:, 1:]
-    lm = CausalLM(model, family)
-    with torch.no_grad():
-        _, logits, *cache = lm(ids[:, :5])  # prefill 5, then one token per forward
-        got = [logits]
-        for position in range(5, 12):
-            _, logits, *cache = lm(ids[:, position : position + 1], *cache)
-            got.append(logits)
-    got = torch.stack(got, dim=1)[:, : reference.shape[1] - 4]
-    # float32 on the same kernels: only summation order differs between the two paths
-    torch.testing.assert_close(got, reference[:, 4:], atol=1e-5, rtol=1e-5)
-    assert cache[0].shape[2] == 12
 
 
 @pytest.fixture(scope="module")
@@ -215,20 +175,22 @@ def test_bad_input_is_one_line(args, words, tiny_dir):
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0]
 
 
-@pytest.mark.slow
-def test_onnx_decoder_matches_torch(tiny_dir, tmp_path):
-    """The exported prefill/decode graphs decode the same greedy tokens as eager PyTorch."""
-    from dllm_export.models import load_model
-    from dllm_export.profiling.autoregressive import TorchDecoder
-    from dllm_export.profiling.autoregressive_onnx import OrtDecoder, export_decoder
-
-    manifest = export_decoder(tiny_dir("llada-moe"), tmp_path / "ar", moe="ort")
-    assert manifest["moe_used"] == "ort"
-    assert export_decoder(tiny_dir("llada-moe"), tmp_path / "ar", moe="ort") == manifest
-    prompt = list(range(5, 17))
-    onnx = OrtDecoder(tmp_path / "ar", threads=1).decode(prompt, 6)
-    model, _ = load_model(tiny_dir("llada-moe"))
-    assert onnx.tokens == TorchDecoder(model, "llada-moe").decode(prompt, 6).tokens
+def test_cache_sweep_on_onnx_runtime_beside_the_autoregressive_baseline(artifact):
+    """Each cache mode is a point; the baseline decodes with the artifact's own graphs."""
+    options = ProfileOptions(
+        profile="cpu", sampler=SAMPLER, sweeps=["cache=none,prefix,dual,block"],
+        prompts=["What is 1 + 2?"], warmup=0, runs=1, threads=1, isolate=False,
+        quality="off",
+    )
+    result = profile_target(artifact("llada-moe"), options)
+    rows = [p for p in result["points"] if p["series"] == "cache"]
+    assert [p["value"] for p in rows] == ["none", "prefix", "dual", "block"]
+    forwards = {p["value"]: p["measured"]["forwards_per_generation"]["median"] for p in rows}
+    assert forwards["none"] == forwards["dual"] == forwards["prefix"]  # one block of 8
+    assert forwards["block"] == forwards["none"] + 1  # the prompt prefill
+    assert [p["measured"]["cache"] for p in rows] == ["none", "prefix", "dual", "block"]
+    assert "prefill + decode graphs" in result["autoregressive"]["how"]
+    assert result["autoregressive"]["measured"]["new_tokens"] == SAMPLER["gen_length"]
 
 
 def test_tensorrt_engine_without_tensorrt_is_one_line(tiny_dir, tmp_path):

@@ -42,7 +42,8 @@ def count_experts(
 ) -> dict:
     """Distinct experts per layer per forward: one diffusion generation over the canvas,
     and autoregressive decoding of ``new_tokens`` tokens (prefill excluded)."""
-    from dllm_export.profiling.autoregressive import TorchDecoder
+    from dllm_export import families
+    from dllm_export.runtime.autoregressive import greedy_decode
     from dllm_export.runtime.generate import denoise
 
     model = generator.backend.model
@@ -56,8 +57,8 @@ def count_experts(
         )
         diffusion = counter.per_layer()
         counter.counts = [[] for _ in counter.blocks]
-        decoder = TorchDecoder(model, family, device=str(generator.backend.device))
-        decoder.decode(prompt_ids, new_tokens)
+        greedy_decode(generator.backend, prompt_ids, new_tokens, generator.special.pad_id,
+                      families.family(family).positions)
         counter.counts = [
             c[1:] for c in counter.counts
         ]  # the first forward is the prefill

@@ -7,8 +7,9 @@ the calling process (tests). Kinds:
 
 * ``diffusion``: whole generations on ``backend`` (torch / onnxruntime / tensorrt), then,
   when asked, task accuracy with the same settings and (PyTorch, MoE) the experts really hit;
-* ``autoregressive``: greedy decoding with the KV-cache baseline (torch, or the exported
-  graphs on ONNX Runtime);
+* ``autoregressive``: greedy decoding of the same backbone with its key/value cache (the
+  causal mode of the same forward: the checkpoint in PyTorch, or the artifact's own
+  prefill and decode graphs on ONNX Runtime);
 * ``experts``: the routed experts a PyTorch run of the checkpoint hits (untimed).
 
 In a child process, progress goes to stderr as ``@progress done total`` lines and the
@@ -100,43 +101,36 @@ def _diffusion(job: dict, progress) -> dict:
     return result
 
 
+class _Decoder:
+    """Greedy decoding through a generator's backend: the causal mode of its graphs."""
+
+    def __init__(self, generator):
+        from dllm_export import families
+
+        self.generator = generator
+        self.positions = families.family(generator.family).positions
+
+    def decode(self, prompt, new_tokens):
+        from dllm_export.runtime.autoregressive import greedy_decode
+
+        return greedy_decode(self.generator.backend, prompt, new_tokens,
+                             self.generator.special.pad_id, self.positions)
+
+
 def _autoregressive(job: dict, progress) -> dict:
     from dllm_export.profiling.measure import measure_autoregressive
-    from dllm_export.runtime.tokenizer import TextTokenizer
 
-    tokenizer = TextTokenizer(job["tokenizer"])
-    prompts = [
-        tokenizer.format_prompt(p, job.get("chat", True)) for p in job["prompts"]
-    ]
-    if job["backend"] == "torch":
-        import torch
-
-        from dllm_export.models import load_model
-        from dllm_export.profiling.autoregressive import TorchDecoder
-
-        _torch_threads(job.get("threads"))
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-            job.get("dtype", "fp32")
-        ]
-        model, checkpoint = load_model(job["path"], dtype=dtype)
-        decoder = TorchDecoder(
-            model, checkpoint.family, device=job.get("device", "cpu")
-        )
-    else:
-        from dllm_export.profiling.autoregressive_onnx import OrtDecoder
-
-        decoder = OrtDecoder(
-            job["path"], provider=job.get("provider", "cpu"), threads=job.get("threads")
-        )
+    generator = open_generator({**job, "seq_len": None})
+    prompts = [generator.encode(p, job.get("chat", True)) for p in job["prompts"]]
     measured = measure_autoregressive(
-        decoder,
+        _Decoder(generator),
         prompts,
         job["new_tokens"],
         job["warmup"],
         job["runs"],
         progress=lambda d, t: progress("timing", d, t),
     )
-    decoder.close()
+    generator.backend.close()
     return {"measured": measured}
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,15 +27,6 @@ from dllm_export.profiling.stats import (
     reset_host_peak,
     summarize_ms,
 )
-
-
-@dataclass
-class DecodeTimes:
-    """One autoregressive run: what ``measure_autoregressive`` gets from a decoder."""
-
-    prefill_seconds: float
-    token_seconds: list  # one per decoded token
-    tokens: list  # greedy ids (meaningless for a diffusion model)
 
 
 def _spread(values: list) -> dict:
@@ -92,6 +82,8 @@ def diffusion_run(
     return {
         "seconds": result.seconds,
         "forwards": result.forwards,
+        "cache": result.cache,
+        "attention": result.attention,
         "committed": recorder.committed,
         "answer_tokens": len(answer),
         "gen_length": config.gen_length,
@@ -111,6 +103,8 @@ def summarize_diffusion(runs: list[dict]) -> dict:
     total_forwards = sum(run["forwards"] for run in runs)
     return {
         "runs": len(runs),
+        "cache": runs[0]["cache"] if runs else None,
+        "attention": runs[0]["attention"] if runs else None,
         "step": summarize_ms(steps),
         "forward": summarize_ms(forwards),
         "first_block_ms": _spread([1e3 * s for s in firsts]),

@@ -23,6 +23,7 @@ from dllm_export.profiling.targets import (
     cached_artifact,
     is_default_model,
     resolve_target,
+    with_cached_graphs,
 )
 
 # Prompts in the shape of the default model's tasks (speed only: any text would do).
@@ -115,6 +116,15 @@ def _prepare(options: ProfileOptions, target, sweeps, report):
         target = as_artifact_target(target, artifact)
     base = _base_config(target, options.sampler)
     points = build_points(target, base, sweeps)
+    cached_points = [p for p in points if (p.sampler.get("cache") or "none") != "none"]
+    if cached_points and target.backend == "onnxruntime":
+        artifact = with_cached_graphs(target, options.cache_dir, report)
+        if artifact is None:
+            raise DllmExportError(
+                f"{target.path}: cache modes need the cached graphs; export with --cache "
+                "(the source checkpoint is gone, so profile cannot)")
+        for point in cached_points:
+            point.path = str(artifact)
     for point in points:
         if point.series != "seq_len" and target.backend == "torch":
             point.seq_len = options.seq_len  # every point on the same (fixed) canvas
@@ -149,40 +159,27 @@ def _job(
 
 
 def _autoregressive_job(options, target, base, report) -> tuple[dict | None, str]:
+    """The causal mode of the same backbone on the same backend: the checkpoint in PyTorch,
+    or an artifact's own prefill and decode graphs on ONNX Runtime."""
     if not options.autoregressive:
         return None, "not run: --no-autoregressive"
     if target.backend == "tensorrt":
         return None, (
-            "not run: the TensorRT path has no autoregressive graph here; the "
-            "roofline prediction stands in for it"
+            "not run: engines are built from the canvas graph only here; the roofline "
+            "prediction stands in for it"
         )
-    if target.checkpoint is None:
-        return None, "not run: the source checkpoint is not available"
-    extra = {"new_tokens": base.gen_length, "tokenizer": str(target.path)}
+    extra = {"new_tokens": base.gen_length}
     if target.backend == "torch":
-        return _job(
-            options,
-            target,
-            "autoregressive",
-            target.checkpoint,
-            target.precision,
-            {},
-            **extra,
-        ), "PyTorch eager, KV cache, MoE eager (top-k experts only)"
-    from dllm_export.profiling.autoregressive_onnx import export_decoder
-
-    dtype = target.precision if target.precision in ("fp32", "fp16", "bf16") else "fp32"
-    folder = options.cache_dir / f"{target.fingerprint[:16]}-ar-ort-{dtype}"
-    manifest = export_decoder(
-        target.checkpoint, folder, moe="ort", dtype=dtype, report=report
-    )
-    how = (
-        f"ONNX Runtime, prefill + decode graphs with past/present KV, MoE "
-        f"{manifest['moe_used']}, {dtype}"
-    )
-    return _job(
-        options, target, "autoregressive", folder, target.precision, {}, **extra
-    ), how
+        return _job(options, target, "autoregressive", target.checkpoint, target.precision,
+                    {}, **extra), "PyTorch eager, the family's forward in causal mode with its KV cache"
+    artifact = with_cached_graphs(target, options.cache_dir, report)
+    if artifact is None:
+        return None, "not run: the artifact has no cached graphs and its checkpoint is gone"
+    moe = (target.manifest.get("moe") or {}).get("strategy")
+    how = ("ONNX Runtime, the artifact's prefill + decode graphs (the causal mode of the same "
+           f"export{', MoE ' + moe if moe else ''}, {target.precision})")
+    return _job(options, target, "autoregressive", artifact, target.precision, {},
+                **extra), how
 
 
 def _round(index: int, options) -> str:

@@ -19,6 +19,7 @@ SAMPLER_KEYS = {
     "block_length": int,
     "steps": int,
     "gen_length": int,
+    "cache": str,  # runtime/cache.py MODES: each cache mode beside none
 }
 SWEEP_KEYS = (*SAMPLER_KEYS, "seq_len", "precision")
 TORCH_PRECISIONS = ("fp32", "bf16", "fp16")
@@ -72,6 +73,13 @@ def parse_sweep(text: str) -> Sweep:
         ) from None
     if key in ("threshold",) and any(not 0 < v <= 1 for v in parsed):
         raise DllmExportError(f"--sweep {text!r}: thresholds must lie in (0, 1]")
+    if key == "cache":
+        from dllm_export.runtime.cache import MODES
+
+        unknown = [v for v in parsed if v not in MODES]
+        if unknown:
+            raise DllmExportError(
+                f"--sweep {text!r}: cache modes are {', '.join(MODES)} (not {unknown[0]!r})")
     if kind is int and any(v < 1 for v in parsed):
         raise DllmExportError(f"--sweep {text!r}: {key} values must be at least 1")
     return Sweep(key, parsed)

@@ -4,7 +4,8 @@ A TARGET is a checkpoint (PyTorch), an ONNX artifact (ONNX Runtime) or an engine
 (TensorRT). ``--backend`` may ask for another backend over the same model: PyTorch over an
 artifact's source checkpoint, or ONNX Runtime over an artifact exported from a checkpoint.
 Artifacts that profile exports (other sequence lengths, ONNX Runtime from a checkpoint, the
-autoregressive graphs) live in a cache folder keyed by the checkpoint's fingerprint.
+cached graphs that cache modes and the autoregressive baseline run on) live in a cache
+folder keyed by the checkpoint's fingerprint; they always carry the cached graphs.
 """
 
 from __future__ import annotations
@@ -162,19 +163,34 @@ def cached_artifact(
             "source checkpoint, which is not available"
         )
     dtype = target.precision if target.precision in ("fp32", "fp16", "bf16") else "fp32"
-    out = cache_dir / f"{target.fingerprint[:16]}-L{seq_len}-{moe}-{dtype}"
+    out = cache_dir / f"{target.fingerprint[:16]}-L{seq_len}-{moe}-{dtype}-cached"
     if (out / "manifest.json").is_file():
         manifest = read_json(out / "manifest.json")
         if (
             manifest.get("valid")
             and (manifest.get("source") or {}).get("fingerprint") == target.fingerprint
+            and manifest.get("cache")
         ):
             return out
     if report:
-        report("export", f"artifact seq_len {seq_len} ({moe} MoE), cached in {out}")
-    options = ExportOptions(seq_len=seq_len, dtype=dtype, moe=moe, overwrite=True)
+        report("export", f"artifact seq_len {seq_len} ({moe} MoE, cached graphs), in {out}")
+    options = ExportOptions(seq_len=seq_len, dtype=dtype, moe=moe, overwrite=True, cache=True)
     export_model(target.checkpoint, out, options)
     return out
+
+
+def with_cached_graphs(target: Target, cache_dir: Path, report=None) -> Path | None:
+    """An artifact of ``target`` that has the cached graphs: its own, or one exported from
+    its checkpoint at the same canvas and MoE form (None when neither is possible)."""
+    if target.manifest.get("cache"):
+        return target.path
+    if target.checkpoint is None:
+        return None
+    shapes = target.manifest.get("shapes") or {}
+    from dllm_export.export.onnx import DEFAULT_MOE
+
+    return cached_artifact(target, shapes["seq_len"], target.moe_strategy or DEFAULT_MOE,
+                           cache_dir, report)
 
 
 def as_artifact_target(target: Target, artifact: Path) -> Target:
