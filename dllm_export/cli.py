@@ -595,10 +595,15 @@ def quantize(artifact_dir, out_dir, precision, method, calib, samples, calib_mod
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--json", "json_path", type=click.Path(), default=None,
               help="Write the JSON report here (default: stdout).")
+@click.option("--cache-modes", default=None,
+              help="Also generate in each of these cache modes (e.g. none,dual,block) and "
+                   "report task accuracy beside speed.")
+@click.option("--thresholds", default=None,
+              help="With --cache-modes: each mode also with these Fast-dLLM thresholds.")
 @sampler_options
 @user_errors
 def eval_command(model, other, task_names, samples, mc_num, mc_batch, ratios, eval_seed, batch,
-                 provider, threads, json_path, **kwargs):
+                 provider, threads, json_path, cache_modes, thresholds, **kwargs):
     """Quality and speed of a checkpoint or artifact: masked accuracy, ELBO, task accuracy."""
     from dllm_export.eval.harness import EvalOptions, evaluate
     from dllm_export.eval.report import print_report
@@ -606,7 +611,8 @@ def eval_command(model, other, task_names, samples, mc_num, mc_batch, ratios, ev
 
     options = EvalOptions(tasks=task_names, samples=samples, ratios=ratios, mc_num=mc_num,
                           mc_batch=mc_batch, seed=eval_seed, batch=batch,
-                          sampler=_sampler_overrides(kwargs), provider=provider, threads=threads)
+                          sampler=_sampler_overrides(kwargs), provider=provider, threads=threads,
+                          cache_modes=cache_modes, thresholds=thresholds)
     with _StageProgress() as progress:
         report = evaluate(model, other, options, progress=progress)
     print_report(report, _console())

@@ -392,3 +392,26 @@ def test_lm_eval_runs_local_yaml_tasks(lm_eval_model, monkeypatch, tmp_path):
     scores = results["results"]
     assert 0.0 <= scores["dllm_arith_choice"]["acc,none"] <= 1.0
     assert 0.0 <= scores["dllm_arith_gen"]["exact_match,none"] <= 1.0
+
+
+def test_cache_modes_report_accuracy_beside_speed():
+    """Each cache mode (and threshold) generates the held-out tasks once; the first mode
+    is the reference the others' agreement is measured against."""
+    from dllm_export.profiling.targets import DEFAULT_MODEL
+
+    options = EvalOptions(tasks="sort,reverse", samples=6, mc_num=0, ratios="0.5",
+                          cache_modes="none,dual,block", thresholds="0.5")
+    report = evaluate(str(DEFAULT_MODEL), options=options)
+    rows = report["cache_modes"]
+    assert [(r["cache"], r["threshold"]) for r in rows] == [
+        ("none", None), ("dual", None), ("block", None),
+        ("none", 0.5), ("dual", 0.5), ("block", 0.5)]
+    assert rows[0]["tasks"] == report["model"]["tasks"]  # the default run is the none run
+    assert rows[0]["agreement_with_none"]["identical_share"] == 1.0
+    assert rows[3]["agreement_with_none"]["identical_share"] == 1.0
+    for row in rows:
+        assert 0 <= row["tasks"]["mean"] <= 1 and row["speed"]["forwards"] > 0
+    # the schedule commits one position per forward in every mode; block adds its commits
+    assert rows[0]["speed"]["tokens_per_forward"] > rows[2]["speed"]["tokens_per_forward"]
+    with pytest.raises(DllmExportError, match="--cache-modes none,full: choose from"):
+        EvalOptions(cache_modes="none,full")

@@ -24,6 +24,10 @@ Returned keys (ratios are keys like "0.1"; deltas are other minus model):
   - ``tasks``: {task: {"accuracy", "correct", "count"}, "mean": accuracy}, exact match
   - ``speed``: tokens_per_forward, tokens_per_second, generated_tokens, forwards, seconds,
     batch (``generation.py``)
+- ``cache_modes`` (with ``cache_modes``): per cache mode and per threshold (None: the
+  sampler's schedule), the first model's ``tasks``, ``speed`` and ``agreement_with_none``
+  (generation agreement with the ``none`` run of the same threshold): what an
+  approximate cache costs in accuracy, beside what it gains in speed
 - ``agreement`` (comparing): ``masked`` {ratio: top-1 agreement on those positions},
   ``generation`` {"identical_share", "token_agreement"}
 - ``deltas`` (comparing): masked_accuracy {ratio}, elbo_bits_per_token, task_accuracy
@@ -32,7 +36,7 @@ Returned keys (ratios are keys like "0.1"; deltas are other minus model):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from os import PathLike
 
 from dllm_export.errors import DllmExportError
@@ -57,6 +61,8 @@ class EvalOptions:
     sampler: dict = field(default_factory=dict)  # SamplerConfig overrides for generation
     provider: str = "cpu"  # ONNX Runtime provider for artifacts
     threads: int | None = None  # ONNX Runtime intra-op threads
+    cache_modes: tuple[str, ...] | str | None = None  # e.g. "none,dual": generation per mode
+    thresholds: tuple[float, ...] | str | None = None  # each mode also with these thresholds
 
     def __post_init__(self):
         self.tasks = _names(self.tasks) if self.tasks is not None else task_module.TASKS
@@ -72,6 +78,15 @@ class EvalOptions:
             self.mc_batch = check_mc(self.mc_num, self.mc_batch)
         if self.batch is not None and self.batch < 1:
             raise DllmExportError(f"--batch {self.batch}: use at least 1")
+        if self.cache_modes is not None:
+            from dllm_export.runtime.cache import MODES
+
+            self.cache_modes = _names(self.cache_modes)
+            unknown = [m for m in self.cache_modes if m not in MODES]
+            if unknown or not self.cache_modes:
+                raise DllmExportError(
+                    f"--cache-modes {','.join(self.cache_modes)}: choose from {','.join(MODES)}")
+        self.thresholds = _ratios(self.thresholds, "--thresholds") if self.thresholds else ()
 
 
 def _names(value) -> tuple[str, ...]:
@@ -79,15 +94,34 @@ def _names(value) -> tuple[str, ...]:
     return tuple(p.strip() for p in parts if p.strip())
 
 
-def _ratios(value) -> tuple[float, ...]:
+def _ratios(value, flag: str = "--ratios") -> tuple[float, ...]:
     parts = value.split(",") if isinstance(value, str) else value
     try:
         ratios = tuple(float(r) for r in parts)
     except ValueError:
-        raise DllmExportError(f"--ratios {value!r}: give numbers like 0.1,0.5") from None
+        raise DllmExportError(f"{flag} {value!r}: give numbers like 0.1,0.5") from None
     if not ratios or any(not 0 < r <= 1 for r in ratios):
-        raise DllmExportError(f"--ratios {value!r}: give mask ratios in (0, 1]")
+        raise DllmExportError(f"{flag} {value!r}: give values in (0, 1]")
     return ratios
+
+
+def _cache_modes(evaluated, examples, options, config, seq_len, batch, progress) -> list:
+    """Task accuracy and speed of generation in each cache mode (the first model)."""
+    prompts = [e.prompt for e in examples]
+    out, by_threshold = [], {}
+    for threshold in (None, *options.thresholds):
+        for mode in options.cache_modes:
+            progress("cache modes", f"{mode}, threshold {threshold}")
+            settings = config.updated(cache=mode, threshold=threshold)
+            if threshold is None:
+                settings = replace(settings, threshold=None)
+            run = generate_all(evaluated.generator_for(settings, seq_len), prompts, batch)
+            by_threshold.setdefault(threshold, run)  # the first mode is the reference
+            out.append({"cache": mode, "threshold": threshold,
+                        "tasks": task_scores(examples, run.texts), "speed": run.speed(batch),
+                        "agreement_with_" + options.cache_modes[0]:
+                            generation_agreement(by_threshold[threshold].tokens, run.tokens)})
+    return out
 
 
 def _open(model, options: EvalOptions) -> EvalModel:
@@ -216,6 +250,9 @@ def evaluate(model, other=None, options: EvalOptions | None = None, progress=Non
         "speed": runs[index].speed(batch),
     } for index, evaluated in enumerate(models)]
     report = {"settings": _settings(options, seq_len, batch, config), "model": reports[0]}
+    if options.cache_modes:
+        report["cache_modes"] = _cache_modes(models[0], examples, options, config, seq_len,
+                                             batch, progress)
     if len(models) > 1:
         report["other"] = reports[1]
         report["agreement"] = {

@@ -73,6 +73,27 @@ def print_report(report: dict, console) -> None:
             cells += [_fmt(other, digits), _signed(delta, digits), _fmt(agree)]
         table.add_row(*cells)
     console.print(table)
+    print_cache_modes(report, console)
+
+
+def print_cache_modes(report: dict, console) -> None:
+    """Accuracy against speed per cache mode and threshold (``--cache-modes``)."""
+    rows = report.get("cache_modes")
+    if not rows:
+        return
+    from rich.table import Table
+
+    reference = next(k for k in rows[0] if k.startswith("agreement_with_"))
+    table = Table(title="cache modes (model)")
+    for column in ("cache", "threshold", "task mean", "tokens/forward", "tokens/s",
+                   reference.replace("_", " ")):
+        table.add_column(column, justify="left" if column == "cache" else "right")
+    for row in rows:
+        table.add_row(row["cache"], _fmt(row["threshold"], 2), _fmt(row["tasks"]["mean"]),
+                      _fmt(row["speed"]["tokens_per_forward"], 2),
+                      _fmt(row["speed"]["tokens_per_second"], 1),
+                      _fmt(row[reference]["token_agreement"]))
+    console.print(table)
 
 
 def _label(info: dict) -> str:
