@@ -377,15 +377,19 @@ def profiles_show(name):
               "or the profile's build precision).")
 @click.option("--seq-len", type=int, default=None, help="Canvas length (config only).")
 @click.option("--batch", type=int, default=None, help="Batch (config only).")
+@click.option("--cache", is_flag=True,
+              help="Count the cached graphs' key/value cache (as export --cache makes).")
+@click.option("--block-length", type=int, default=None,
+              help="Rows of the cached step whose roofline is shown (default 32).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @user_errors
-def plan(source, profile_name, precision, seq_len, batch, as_json):
+def plan(source, profile_name, precision, seq_len, batch, cache, block_length, as_json):
     """Will a checkpoint (config.json is enough) or an artifact fit a device?"""
     from dllm_export.device_profiles import load_profile
     from dllm_export.export.plan import plan_model, render_plan
 
     result = plan_model(source, load_profile(profile_name), precision=precision,
-                        seq_len=seq_len, batch=batch)
+                        seq_len=seq_len, batch=batch, cache=cache, block_length=block_length)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
     else:

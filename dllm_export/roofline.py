@@ -1,4 +1,4 @@
-"""The roofline of one denoiser forward (and of one autoregressive token, for comparison).
+"""The roofline of one forward: a full canvas, a cached block step, one autoregressive token.
 
 A step can be no faster than the larger of two floors: its FLOPs at the device's dense
 tensor-core peak, and the bytes it must read at the device's memory bandwidth. This module
@@ -15,8 +15,11 @@ What is counted:
   of them for a full canvas (T = 256, k = 8, E = 64 gives 63.99...). Activation traffic is
   left out: fused kernels keep most of it on chip.
 
-The autoregressive equivalent is one new token per forward with a KV cache of ``context``
-tokens: every weight is read once to produce B tokens, and the cache is read too.
+Every forward is ``call_cost``: ``queries`` rows per sequence that attend to ``cached`` cached
+keys and to each other, reading the weights their tokens route to and the cached keys and
+values. A full canvas is ``call_cost(L, 0)``, a cached block step ``call_cost(Lb, C)``, one
+autoregressive token ``call_cost(1, context)``; ``generation_floor`` adds up a whole
+generation in a cache mode from the forwards it makes.
 """
 
 from __future__ import annotations
@@ -117,33 +120,71 @@ def _cost(flops: float, nbytes: float, profile, precision: str) -> StepCost:
     )
 
 
-def denoiser_step(shape: ModelShape, profile, precision: str, batch: int,
-                  seq_len: int) -> StepCost:
-    """The floor of one denoiser forward on a device profile.
+def kv_cache_bytes(shape: ModelShape, precision: str, batch: int, context: int) -> float:
+    """Bytes of the keys and values of ``context`` tokens (stored at the activation
+    precision), which a cached forward reads on top of the weights."""
+    return 2 * shape.layers * batch * context * shape.kv_width * activation_bytes(precision)
+
+
+def call_cost(shape: ModelShape, profile, precision: str, batch: int, queries: int,
+              cached: int = 0) -> StepCost:
+    """The floor of one forward of ``queries`` rows per sequence over ``cached`` cached keys.
 
     Args:
         shape: the model's sizes (``model_shape``).
         profile: a ``DeviceProfile`` (peak throughput and bandwidth).
         precision: one of ``precision.PRECISIONS``.
-        batch, seq_len: the fixed canvas.
+        batch: sequences per forward.
+        queries: rows computed per sequence (the canvas, a block, one token).
+        cached: cached keys each row may attend to besides the call's own.
     """
-    return _cost(forward_flops(shape, batch, seq_len),
-                 bytes_read(shape, precision, batch * seq_len), profile, precision)
+    flops = matrix_flops(shape, batch * queries) + attention_flops(
+        shape, batch, queries, cached + queries)
+    nbytes = bytes_read(shape, precision, batch * queries)
+    nbytes += kv_cache_bytes(shape, precision, batch, cached)
+    return _cost(flops, nbytes, profile, precision)
 
 
-def kv_cache_bytes(shape: ModelShape, precision: str, batch: int, context: int) -> float:
-    """Bytes of the keys and values of ``context`` tokens (stored at the activation
-    precision), which an autoregressive step reads on top of the weights."""
-    return 2 * shape.layers * batch * context * shape.kv_width * activation_bytes(precision)
+def denoiser_step(shape: ModelShape, profile, precision: str, batch: int,
+                  seq_len: int) -> StepCost:
+    """The floor of one full-canvas denoiser forward over ``[batch, seq_len]``."""
+    return call_cost(shape, profile, precision, batch, seq_len)
+
+
+def cached_step(shape: ModelShape, profile, precision: str, batch: int, block: int,
+                cache_len: int) -> StepCost:
+    """The floor of one cached block step: ``block`` rows over ``cache_len`` cached slots."""
+    return call_cost(shape, profile, precision, batch, block, cache_len)
 
 
 def autoregressive_token(shape: ModelShape, profile, precision: str, batch: int,
                          context: int) -> StepCost:
     """The floor of one autoregressive decode step: ``batch`` new tokens, each attending to
     a KV cache of ``context`` tokens (cache stored at the activation precision)."""
-    flops = matrix_flops(shape, batch) + attention_flops(shape, batch, 1, context)
-    cache = kv_cache_bytes(shape, precision, batch, context)
-    return _cost(flops, bytes_read(shape, precision, batch) + cache, profile, precision)
+    return call_cost(shape, profile, precision, batch, 1, context)
+
+
+def generation_floor(shape: ModelShape, profile, precision: str, mode: str, canvas: int,
+                     block: int, forwards: int, blocks: int, window: int | None = None) -> dict:
+    """The floor of a whole generation in a cache mode, from the forwards it made.
+
+    ``none``: every forward a full canvas. ``prefix`` / ``dual``: a full forward per block,
+    the other forwards a window (``window`` rows, prefix) or a block over the cache.
+    ``block``: one prefill of the canvas, then block steps and commits over the cache.
+    """
+    full = denoiser_step(shape, profile, precision, 1, canvas)
+    if mode == "none":
+        refreshes, step = forwards, full
+    else:
+        rows = (window or canvas - block) if mode == "prefix" else block
+        step = cached_step(shape, profile, precision, 1, rows, canvas)
+        refreshes = 1 if mode == "block" else blocks
+    steps = max(forwards - refreshes, 0)
+    seconds = refreshes * full.floor_seconds + steps * step.floor_seconds
+    return {"mode": mode, "full_forwards": refreshes, "cached_forwards": steps,
+            "full_forward_floor_ms": 1e3 * full.floor_seconds,
+            "cached_forward_floor_ms": 1e3 * step.floor_seconds,
+            "cached_forward_bound": step.bound, "floor_seconds": seconds}
 
 
 def bytes_by_part(shape: ModelShape, precision: str, tokens: int) -> dict:

@@ -116,10 +116,29 @@ def test_step_floor_and_bound():
 def test_autoregressive_token_by_hand():
     shape = model_shape(TINY_LLADA)
     token = roofline.autoregressive_token(shape, fake_profile(), "fp16", 1, 4)
-    # one token: 2 x 720 + attention over 4 cached keys 4 x 2 heads x 4 x head_dim 4
-    assert token.flops == 1440 + 128
+    # one token: 2 x 720 + attention over 4 cached keys and its own, 4 x 2 heads x 5 x
+    # head_dim 4 (the same call_cost as a cached block step of one row)
+    assert token.flops == 1440 + 160
+    assert token.flops == roofline.cached_step(shape, fake_profile(), "fp16", 1, 1, 4).flops
     # weights for one token (1280 + (104 + 8) * 2) + K and V cache 2 x 1 layer x 4 x 8 x 2
     assert token.bytes == 1280 + 224 + 128
+
+
+def test_cached_step_and_generation_floor_by_hand():
+    shape, device = model_shape(TINY_LLADA), fake_profile()
+    step = roofline.cached_step(shape, device, "fp16", 1, 2, 4)
+    # 2 rows: 2 x 2 x 720 matrices + attention of 2 rows over 4 cached + 2 own keys
+    assert step.flops == 2880 + 4 * 2 * 2 * 6 * 4
+    full = roofline.denoiser_step(shape, device, "fp16", 1, 6)
+    # dual: 2 blocks of 2 -> 2 full forwards, 4 cached ones; block: 1 prefill, 5 cached
+    dual = roofline.generation_floor(shape, device, "fp16", "dual", 6, 2, 6, 2)
+    assert dual["floor_seconds"] == pytest.approx(
+        2 * full.floor_seconds + 4 * roofline.cached_step(shape, device, "fp16", 1, 2, 6)
+        .floor_seconds)
+    block = roofline.generation_floor(shape, device, "fp16", "block", 6, 2, 6, 2)
+    assert (block["full_forwards"], block["cached_forwards"]) == (1, 5)
+    none = roofline.generation_floor(shape, device, "fp16", "none", 6, 2, 6, 2)
+    assert none["floor_seconds"] == pytest.approx(6 * full.floor_seconds)
 
 
 def test_activation_peak_by_hand():

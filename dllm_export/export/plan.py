@@ -11,21 +11,29 @@ Memory model (bytes on the device while an engine runs):
 * activations: the peak over one layer's phases, since TensorRT reuses activation memory
   across layers. Attention: the residual and its normed copy, Q/K/V, scores and
   probabilities ``[B, H, L, L]`` (counted as materialised: fused kernels need less) and the
-  attention output. MLP: residual, normed copy, gate, up and their product. MoE ("sparse"
-  strategy, the exporter's default): token rows padded to blocks per expert, their gate/up
-  and product, and the expert weights gathered per block. Decode head: the final hidden
-  state, fp32 logits and fp32 log-probabilities ``[B, L, V]``. Plus the engine's I/O buffers;
+  attention output. MLP: residual, normed copy, gate, up and their product. MoE in the
+  export's form: every token through each expert in turn ("dense", the exporter's
+  default), token rows padded to blocks per expert plus the expert weights gathered per
+  block ("sparse"), exactly the routed rows ("ort"). Decode head: the final hidden state,
+  fp32 logits and fp32 log-probabilities ``[B, L, V]``. Plus the engine's I/O buffers;
+* key/value cache (artifacts with the cached graphs, or ``--cache``): every layer's keys and
+  values over the whole canvas at the activation precision (contract.py's layout);
 * workspace: the profile's builder workspace limit, counted in full.
+
+The roofline lines come from ``roofline.py``: a full canvas step, a cached block step over
+the canvas, and one autoregressive token, so that plan and profile predict the same costs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dllm_export.device_profiles import GIB, DeviceProfile, all_profiles
 from dllm_export.errors import DllmExportError
+from dllm_export.export.onnx import DEFAULT_MOE as DEFAULT_MOE_STRATEGY
 from dllm_export.jsonio import read_json
 from dllm_export.model_shape import ModelShape, model_shape
 from dllm_export.precision import (
@@ -36,12 +44,14 @@ from dllm_export.precision import (
 )
 from dllm_export.roofline import (
     autoregressive_token,
+    cached_step,
     denoiser_step,
+    kv_cache_bytes,
     weight_bytes,
 )
 
-# The exporter's defaults (export/onnx.py), for plans made from a config alone.
-DEFAULT_MOE_STRATEGY, DEFAULT_MOE_BLOCK, DEFAULT_TOPK, DEFAULT_SPECIALS = "sparse", 16, 8, 2
+# The exporter's other defaults (export/onnx.py), for plans made from a config alone.
+DEFAULT_MOE_BLOCK, DEFAULT_TOPK, DEFAULT_SPECIALS, DEFAULT_BLOCK = 16, 8, 2, 32
 
 
 @dataclass(frozen=True)
@@ -56,10 +66,11 @@ class Workload:
     outputs: str = "decode"
     topk: int = DEFAULT_TOPK
     specials: int = DEFAULT_SPECIALS
+    cached: bool = False  # the cached graphs and their key/value cache
+    block_length: int = DEFAULT_BLOCK  # rows of the cached step graph
 
     def at(self, seq_len: int) -> "Workload":
-        return Workload(self.shape, self.batch, seq_len, self.moe_strategy, self.moe_block,
-                        self.outputs, self.topk, self.specials)
+        return dataclasses.replace(self, seq_len=seq_len)
 
 
 @dataclass(frozen=True)
@@ -69,10 +80,12 @@ class MemoryEstimate:
     activation_bytes: int
     workspace_bytes: int
     usable_bytes: int
+    cache_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
-        return self.weight_bytes + self.activation_bytes + self.workspace_bytes
+        return (self.weight_bytes + self.activation_bytes + self.workspace_bytes
+                + self.cache_bytes)
 
     @property
     def fits(self) -> bool:
@@ -80,7 +93,7 @@ class MemoryEstimate:
 
     def as_dict(self) -> dict:
         return {"precision": self.precision, "weight_bytes": self.weight_bytes,
-                "activation_bytes": self.activation_bytes,
+                "activation_bytes": self.activation_bytes, "cache_bytes": self.cache_bytes,
                 "workspace_bytes": self.workspace_bytes, "total_bytes": self.total_bytes,
                 "usable_bytes": self.usable_bytes, "fits": self.fits}
 
@@ -132,6 +145,8 @@ def estimate(work: Workload, precision: str, profile: DeviceProfile) -> MemoryEs
         activation_bytes=activation_peak(work, precision),
         workspace_bytes=profile.build.workspace_bytes,
         usable_bytes=profile.usable_bytes,
+        cache_bytes=int(kv_cache_bytes(work.shape, precision, work.batch, work.seq_len))
+        if work.cached else 0,
     )
 
 
@@ -225,9 +240,11 @@ class Plan:
 
     def as_dict(self) -> dict:
         shape, work = self.work.shape, self.work
-        step = denoiser_step(shape, self.profile, self.chosen.precision, work.batch, work.seq_len)
-        token = autoregressive_token(shape, self.profile, self.chosen.precision, work.batch,
-                                     work.seq_len)
+        precision = self.chosen.precision
+        step = denoiser_step(shape, self.profile, precision, work.batch, work.seq_len)
+        block = cached_step(shape, self.profile, precision, work.batch, work.block_length,
+                            work.seq_len)
+        token = autoregressive_token(shape, self.profile, precision, work.batch, work.seq_len)
         return {
             "source": str(self.source.path), "source_kind": self.source.kind,
             "family": shape.family, "parameters": shape.total_parameters(),
@@ -235,14 +252,19 @@ class Plan:
             "batch": work.batch, "seq_len": work.seq_len, "fits": self.fits,
             "memory": self.chosen.as_dict(),
             "by_precision": [row.as_dict() for row in self.rows],
-            "roofline": {"denoiser_step": step.as_dict(), "autoregressive_token": token.as_dict(),
+            "roofline": {"denoiser_step": step.as_dict(), "cached_step": block.as_dict(),
+                         "cached_step_rows": work.block_length,
+                         "autoregressive_token": token.as_dict(),
                          "autoregressive_tokens_per_step": step.floor_seconds
+                         / token.floor_seconds,
+                         "autoregressive_tokens_per_cached_step": block.floor_seconds
                          / token.floor_seconds},
             "suggestions": self.suggestions, "notes": self.notes,
         }
 
 
-def _workload(source: PlanSource, profile: DeviceProfile, seq_len, batch) -> Workload:
+def _workload(source: PlanSource, profile: DeviceProfile, seq_len, batch,
+              cache: bool = False, block_length: int | None = None) -> Workload:
     manifest = source.manifest
     if source.kind == "artifact":
         for flag, asked, fixed in (("--seq-len", seq_len, source.seq_len),
@@ -262,6 +284,9 @@ def _workload(source: PlanSource, profile: DeviceProfile, seq_len, batch) -> Wor
         outputs=manifest.get("outputs", "decode"),
         topk=manifest.get("topk", DEFAULT_TOPK),
         specials=len(manifest.get("special_ids", [0] * DEFAULT_SPECIALS)),
+        cached=bool(manifest.get("cache")) or cache,
+        block_length=(manifest.get("cache") or {}).get("block_length")
+        or block_length or DEFAULT_BLOCK,
     )
 
 
@@ -295,7 +320,8 @@ def _suggestions(work: Workload, chosen: MemoryEstimate, rows, profile) -> list[
 
 
 def plan_model(source: str | Path, profile: DeviceProfile, precision: str | None = None,
-               seq_len: int | None = None, batch: int | None = None) -> Plan:
+               seq_len: int | None = None, batch: int | None = None, cache: bool = False,
+               block_length: int | None = None) -> Plan:
     """Predict the memory of an engine and whether it fits the device.
 
     Args:
@@ -304,10 +330,12 @@ def plan_model(source: str | Path, profile: DeviceProfile, precision: str | None
         precision: engine precision; default: the artifact's, or the profile's build
             precision for fp32 artifacts and configs.
         seq_len, batch: the canvas; default: the artifact's shapes or the profile's.
+        cache, block_length: count the cached graphs' key/value cache (an artifact exported
+            with --cache always does) and size the cached step's rows.
     """
     source = read_source(source)
     chosen_precision = resolve_precision(source.precision, precision, profile)
-    work = _workload(source, profile, seq_len, batch)
+    work = _workload(source, profile, seq_len, batch, cache, block_length)
     rows = [estimate(work, p, profile) for p in profile.precisions]
     chosen = estimate(work, chosen_precision, profile)
     suggestions = [] if chosen.fits else _suggestions(work, chosen, rows, profile)
@@ -340,13 +368,17 @@ def render_plan(plan: Plan, console) -> None:
     title = (f"{plan.source.path} ({work.shape.family}, {work.shape.total_parameters() / 1e9:.2f}B "
              f"parameters) on {plan.profile.name}, batch {work.batch}, seq_len {work.seq_len}")
     table = Table(title=title, title_justify="left")
-    for column in ("precision", "weights", "activations", "workspace", "total", "usable", "fits"):
+    columns = ["precision", "weights", "activations", *(["kv cache"] if work.cached else []),
+               "workspace", "total", "usable", "fits"]
+    for column in columns:
         table.add_column(column, justify="left" if column == "precision" else "right")
     for row in plan.rows:
         style = "bold" if row.precision == chosen.precision else None
+        cache = [_gib(row.cache_bytes)] if work.cached else []
         table.add_row(row.precision, _gib(row.weight_bytes), _gib(row.activation_bytes),
-                      _gib(row.workspace_bytes), _gib(row.total_bytes), _gib(row.usable_bytes),
-                      "[green]yes[/]" if row.fits else "[red]no[/]", style=style)
+                      *cache, _gib(row.workspace_bytes), _gib(row.total_bytes),
+                      _gib(row.usable_bytes), "[green]yes[/]" if row.fits else "[red]no[/]",
+                      style=style)
     console.print(table)
     verdict = "[green]fits[/]" if plan.fits else "[bold red]does NOT fit[/]"
     console.print(f"{chosen.precision}: {verdict} ({_gib(chosen.total_bytes)} needed, "
@@ -354,11 +386,17 @@ def render_plan(plan: Plan, console) -> None:
     for line in plan.suggestions:
         console.print(f"  - {line}")
     roofline = plan.as_dict()["roofline"]
-    step = roofline["denoiser_step"]
+    step, block = roofline["denoiser_step"], roofline["cached_step"]
     console.print(
         f"step floor {step['floor_ms']:.2f} ms ({step['bound']}-bound: "
         f"{step['flops'] / 1e12:.2f} TFLOP, {step['bytes'] / 1e9:.2f} GB read); one step costs "
         f"about {roofline['autoregressive_tokens_per_step']:.1f} autoregressive tokens",
+        style="dim")
+    console.print(
+        f"cached block step ({roofline['cached_step_rows']} rows over {work.seq_len} cached "
+        f"slots) {block['floor_ms']:.2f} ms ({block['bound']}-bound), about "
+        f"{roofline['autoregressive_tokens_per_cached_step']:.1f} autoregressive tokens: "
+        "diffusion beats autoregressive decoding at more tokens per forward than that",
         style="dim")
     for note in plan.notes:
         console.print(f"note: {note}", style="dim")

@@ -23,17 +23,31 @@ def _floor(function, shape, profile, precision, *args):
         )
 
 
-def diffusion_roofline(shape, profile, precision: str, measured: dict) -> dict:
+def diffusion_roofline(shape, profile, precision: str, measured: dict,
+                       settings: dict | None = None) -> dict:
+    """The full-canvas floor beside the measured forward, and (with the point's sampler
+    ``settings``) the floor of a whole generation in its cache mode: full forwards for
+    refreshes, cached-step floors for the rest (``roofline.generation_floor``)."""
     canvas = measured.get("canvas_length")
     cost, reason = _floor(roofline.denoiser_step, shape, profile, precision, 1, canvas)
     if cost is None:
         return {"note": reason}
     out = {"precision": precision, "canvas_length": canvas, **cost.as_dict()}
+    mode = measured.get("cache") or "none"
     forward = (measured.get("forward") or {}).get("median_ms")
-    if forward:
+    if forward and mode == "none":
         out.update(roofline.achieved(cost, forward / 1e3))
     tpf = measured.get("tokens_per_forward") or 0
     out["predicted_tokens_per_second"] = tpf / cost.floor_seconds
+    forwards = (measured.get("forwards_per_generation") or {}).get("median")
+    if settings and forwards:
+        gen = settings["gen_length"]
+        block = settings.get("block_length") or gen
+        floor = roofline.generation_floor(shape, profile, precision, mode, canvas, block,
+                                          int(forwards), gen // block, gen)
+        floor["predicted_tokens_per_second"] = gen / floor["floor_seconds"]
+        out["generation"] = floor
+        out["predicted_tokens_per_second"] = floor["predicted_tokens_per_second"]
     return out
 
 

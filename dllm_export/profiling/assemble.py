@@ -81,7 +81,7 @@ def assemble(
     points, ar = measured.points, measured.autoregressive
     for row in points:
         row["roofline"] = analysis.diffusion_roofline(
-            shape, device_profile, row["precision"], row["measured"]
+            shape, device_profile, row["precision"], row["measured"], row.get("settings")
         )
     baseline = points[0]["measured"]
     ar_measured = ar.get("measured")
