@@ -268,3 +268,43 @@ def test_default_bars_pass_sound_int8_and_stop_one_sample_calibration(tmp_path):
         quantize_artifact(source, tmp_path / "one", QuantizeOptions(precision="int8", samples=1,
                                                                     **light))
     assert json.loads((tmp_path / "one" / "manifest.json").read_text())["valid"] is False
+
+
+@pytest.fixture(scope="module")
+def cached_float(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cached") / "llada-moe-dense-cached"
+    export_model(tiny_dir("llada-moe"), out, ExportOptions(
+        seq_len=SEQ_LEN, moe="dense", cache=True, block_length=8, window=16))
+    return out
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_cached_graphs_are_quantised_calibrated_and_gated(precision, cached_float, tmp_path):
+    """Every cached graph is quantised (Q/DQ calibrated on the states cached decoding feeds
+    it), shares the canvas graph's weights, and the gate compares cached decoding."""
+    import onnx
+
+    out = tmp_path / precision
+    manifest = quantize_artifact(cached_float, out, fast(precision))
+    assert manifest["valid"] and manifest["cache"]["graphs"].keys() == {
+        "prefill", "step", "window", "decode"}
+    quant = manifest["quantization"]
+    assert set(quant["cached_graphs"]) == {"prefill", "step", "window", "decode"}
+    assert all(count > 0 for count in quant["cached_graphs"].values())
+    op = "QuantizeLinear" if precision == "int8" else "MatMulNBits"
+    for graph in ("prefill", "step", "window", "decode"):
+        model = onnx.load(str(out / f"{graph}.onnx"), load_external_data=False)
+        assert op in {n.op_type for n in model.graph.node}, graph
+    assert sorted(p.name for p in out.glob("*.data")) == ["model.onnx.data"]
+    if precision == "int8":
+        states = quant["calibration"]["cached_graphs"]
+        assert all(states[g] > 0 for g in ("prefill", "step", "window", "decode"))
+        assert manifest["trt_compatibility"]["graphs"] == dict.fromkeys(
+            ["canvas", "prefill", "step", "window", "decode"], True)
+    checks = {c["name"]: c for c in manifest["quality_gate"]["checks"]}
+    assert checks["generation token agreement (dual cache)"]["passed"]
+    generator = Generator.from_artifact(out)
+    for mode in ("dual", "block"):
+        result = generator.generate("Sort: 3 1 2", chat=True, gen_length=16, steps=16,
+                                    block_length=8, cache=mode)
+        assert result.forwards >= 2

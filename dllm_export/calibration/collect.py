@@ -7,7 +7,7 @@ held-out problems stay unseen), any other model on the shipped generic prompts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dllm_export.calibration import coverage, sources
@@ -20,6 +20,7 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "default-m
 class Calibration:
     states: list[CanvasState]
     summary: dict
+    cached: dict = field(default_factory=dict)  # cached graph name -> input feeds
 
 
 def is_default_model(manifest: dict) -> bool:
@@ -45,6 +46,7 @@ def collect(
     mode: str,
     calibration_top_k: int | None,
     progress=None,
+    cached: bool = False,
 ) -> Calibration:
     """States from ``calib`` (path, source name or None) and their coverage.
 
@@ -57,6 +59,7 @@ def collect(
         samples: number of states.
         mode: "mixed", "forward" or "trajectory".
         calibration_top_k: experts per token that receive statistics.
+        cached: also record the cached graphs' states (``cached_states.py``).
     """
     progress = progress or (lambda stage, detail="": None)
     builtin = "tasks" if is_default_model(manifest) else "generic"
@@ -88,4 +91,14 @@ def collect(
         "mask_ratio_histogram": coverage.mask_ratio_histogram(states),
         "experts": experts,
     }
-    return Calibration(states, summary)
+    graphs = {}
+    if cached:
+        from dllm_export.calibration.cached_states import cached_graph_states
+        from dllm_export.calibration.states import tokenize
+
+        _, texts = sources.open_source(calib, builtin)
+        prompts = [e.prompt_ids for e in tokenize(texts, generator.tokenizer, generator.special)]
+        graphs = cached_graph_states(backend, generator, prompts[: max(2, samples // 4)],
+                                     samples, progress)
+        summary["cached_graphs"] = {name: len(feeds) for name, feeds in graphs.items()}
+    return Calibration(states, summary, graphs)

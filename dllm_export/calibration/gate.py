@@ -186,3 +186,57 @@ def run_gate(
         k: report["other"][k] for k in ("masked", "elbo", "tasks")
     }
     return verdict
+
+
+def _cached_sampler(float_model, samples: int) -> tuple[str, dict]:
+    """The cache mode users decode with (block for block-causal models, else Fast-dLLM's
+    dual cache) and a block schedule that fits the artifact's graphs and canvas."""
+    generator = float_model.generator
+    cache = generator.backend.manifest["cache"]
+    mode = "block" if cache["attention"] == "block_causal" else "dual"
+    fitted = _fitting_sampler(float_model, samples)
+    block = cache["block_length"]
+    gen = fitted.get("gen_length", generator.defaults.gen_length)
+    if gen >= block:
+        gen = gen // block * block
+    else:
+        block = gen
+    return mode, {"algorithm": "llada", "gen_length": gen, "steps": gen,
+                  "block_length": block, "cache": mode}
+
+
+def run_cached_gate(verdict: dict, float_model, candidate, bars: GateBars,
+                    settings: GateSettings, progress=None) -> dict:
+    """Cached decoding of the candidate against cached decoding of the float artifact (the
+    step graphs are quantised too): their generations must agree like the canvas ones.
+    Adds checks to ``verdict`` in place and returns it."""
+    from dllm_export.eval.harness import EvalOptions, evaluate
+
+    mode, sampler = _cached_sampler(float_model, settings.samples)
+    options = EvalOptions(samples=settings.samples, ratios=(0.5,), mc_num=0, sampler=sampler)
+    report = evaluate(float_model, other=candidate, options=options, progress=progress)
+    generation = report["agreement"]["generation"]["token_agreement"]
+    task_drop = -report["deltas"]["task_accuracy"]["mean"]
+    verdict["checks"] += [
+        {
+            "name": f"generation token agreement ({mode} cache)",
+            "value": generation,
+            "bar": bars.min_generation_agreement,
+            "passed": generation >= bars.min_generation_agreement,
+        },
+        {
+            "name": f"task accuracy drop ({mode} cache)",
+            "value": task_drop,
+            "bar": bars.max_task_drop,
+            "float": report["model"]["tasks"]["mean"],
+            "quantized": report["other"]["tasks"]["mean"],
+            "judged": settings.judge_tasks,
+            "passed": (not settings.judge_tasks) or task_drop <= bars.max_task_drop,
+        },
+    ]
+    verdict["passed"] = all(c["passed"] for c in verdict["checks"])
+    verdict["report"]["cached"] = {
+        "cache": mode, "sampler": sampler, "agreement": report["agreement"]["generation"],
+        "float_tasks": report["model"]["tasks"], "quantized_tasks": report["other"]["tasks"],
+    }
+    return verdict

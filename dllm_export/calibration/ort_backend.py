@@ -118,11 +118,12 @@ def save_model(model, path: Path) -> None:
     )
 
 
-class StatesReader:
-    """``onnxruntime.quantization.CalibrationDataReader`` over calibration states."""
+class FeedsReader:
+    """``onnxruntime.quantization.CalibrationDataReader`` over ready input feeds (one dict
+    of input name -> array per calibration batch)."""
 
-    def __init__(self, states: list[CanvasState], batch: int, progress=None):
-        self.batches = list(batched(states, batch))
+    def __init__(self, feeds: list[dict], progress=None):
+        self.batches = list(feeds)
         self.index, self.end = 0, len(self.batches)
         self.progress = progress
 
@@ -136,11 +137,19 @@ class StatesReader:
     def get_next(self):
         if self.index >= self.end:
             return None
-        ids, attention = self.batches[self.index]
+        feeds = self.batches[self.index]
         self.index += 1
         if self.progress:
             self.progress("calibrate", f"batch {self.index}/{len(self.batches)}")
-        return {"input_ids": ids, "attention_mask": attention}
+        return feeds
+
+
+class StatesReader(FeedsReader):
+    """Canvas-graph feeds from calibration states, in the artifact's fixed batch."""
+
+    def __init__(self, states: list[CanvasState], batch: int, progress=None):
+        super().__init__([{"input_ids": ids, "attention_mask": attention}
+                          for ids, attention in batched(states, batch)], progress)
 
 
 @contextlib.contextmanager
@@ -165,6 +174,7 @@ def int8_qdq(
     batch: int,
     method: str = "minmax",
     progress=None,
+    reader=None,
 ) -> None:
     """Static INT8 Q/DQ of ``nodes`` (per-channel symmetric weights, symmetric activations).
 
@@ -175,6 +185,7 @@ def int8_qdq(
         states: calibration states.
         batch: the artifact's fixed batch.
         method: "minmax", "entropy" or "percentile".
+        reader: a ``FeedsReader`` to calibrate on instead of ``states`` (the cached graphs).
     """
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -183,7 +194,7 @@ def int8_qdq(
         quantize_static,
     )
 
-    reader = StatesReader(states, batch, progress)
+    reader = reader or StatesReader(states, batch, progress)
     stride = max(d for d in range(1, STRIDE + 1) if len(reader) % d == 0)
     extra = {
         "ActivationSymmetric": True,

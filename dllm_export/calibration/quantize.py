@@ -1,10 +1,12 @@
 """``quantize``: a float artifact in, a quantised artifact out, judged by the quality gate.
 
 Steps: read the float artifact's manifest (it must be valid fp32), pick the method for the
-precision and target profile, collect calibration states (``collect.py``), rewrite Gemm as
-MatMul (``ort_backend.prepare_graph``), quantise the selected linear layers with ONNX
-Runtime or ModelOpt, write the logits variant, lint Q/DQ graphs for TensorRT, run the gate
-against the float artifact, and write the manifest. The directory appears only when
+precision and target profile, collect calibration states (``collect.py``; for the cached
+graphs, the states cached decoding feeds them: ``cached_states.py``), rewrite Gemm as
+MatMul (``ort_backend.prepare_graph``), quantise the selected linear layers of every graph
+with ONNX Runtime or ModelOpt (the cached graphs' weights shared with the canvas graph's),
+write the logits variant, lint Q/DQ graphs for TensorRT, run the gate against the float
+artifact (cached decoding against cached decoding too), and write the manifest. The directory appears only when
 complete; a candidate that misses a bar is written with ``"valid": false`` and the command
 fails, unless the bars are overridden.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import copy
 import gc
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -237,18 +239,18 @@ def _write_graph(
     return selection, backend_report
 
 
-def _graph_fields(tmp: Path, method, source: dict, backend_report: dict) -> dict:
-    """Manifest fields that describe the written graph; Q/DQ graphs must lint clean."""
+def _graph_fields(tmp: Path, method, manifest: dict, backend_report: dict) -> dict:
+    """Manifest fields that describe the written graphs; Q/DQ graphs must lint clean."""
     import onnx
 
-    from dllm_export.export.trt_lint import check_trt
+    from dllm_export.export.trt_lint import lint_artifact
 
-    findings = check_trt(tmp / "model.onnx")
-    errors = [f for f in findings if f.severity == "error"]
+    compatibility = lint_artifact(tmp, manifest)
+    errors = [f for f in compatibility["findings"] if f["severity"] == "error"]
     if method.format == "qdq" and errors:
         raise DllmExportError(
-            f"the {method.key} graph fails check-trt ({errors[0].node}: "
-            f"{errors[0].reason}); this is a bug, please report it"
+            f"the {method.key} {errors[0]['graph']} graph fails check-trt "
+            f"({errors[0]['node']}: {errors[0]['reason']}); this is a bug, please report it"
         )
     opsets = onnx.load(str(tmp / "model.onnx"), load_external_data=False).opset_import
     return {
@@ -258,12 +260,46 @@ def _graph_fields(tmp: Path, method, source: dict, backend_report: dict) -> dict
             "opset": next(o.version for o in opsets if o.domain in ("", "ai.onnx")),
             "logits_file": "model_logits.onnx",
         },
-        "trt_compatibility": {
-            "clean": not errors,
-            "findings": [asdict(f) for f in findings],
-        },
-        "versions": {**source.get("versions", {}), **_versions(backend_report)},
+        "trt_compatibility": compatibility,
+        "versions": {**manifest.get("versions", {}), **_versions(backend_report)},
     }
+
+
+def _write_cached_graphs(tmp: Path, artifact_dir: Path, source: dict, method, options,
+                         calibration, report) -> dict:
+    """Every cached graph quantised like the canvas graph (its own calibration states for
+    Q/DQ), its weights pointed into model.onnx.data. Returns per-graph node counts."""
+    import onnx
+
+    from dllm_export.calibration import ort_backend
+    from dllm_export.export.shared_weights import WeightsFile
+
+    work = tmp / WORK
+    work.mkdir()
+    weights = WeightsFile(tmp / "model.onnx")
+    recipe = Recipe(tuple(options.exclude), options.quantize_router, options.quantize_head)
+    counts = {}
+    for name, spec in source["cache"]["graphs"].items():
+        prepared = work / f"{name}.onnx"
+        ort_backend.prepare_graph(artifact_dir / spec["file"], prepared)
+        model = onnx.load(str(prepared), load_external_data=False)
+        nodes = select_nodes(model, recipe).quantize
+        del model
+        report("quantize", f"{name} graph: {len(nodes)} linear layers")
+        out = tmp / spec["file"]
+        if method.format == "qdq":
+            feeds = calibration.cached[name]
+            if not feeds:
+                raise DllmExportError(
+                    f"no calibration states reached the {name} graph; pass more --samples")
+            ort_backend.int8_qdq(prepared, out, nodes, [], source["shapes"]["batch"],
+                                 method.backend_method, reader=ort_backend.FeedsReader(feeds))
+        else:
+            _quantize_graph(method, prepared, out, nodes, None, source["shapes"]["batch"], [])
+        weights.adopt(out)
+        counts[name] = len(nodes)
+    shutil.rmtree(work)
+    return counts
 
 
 def _calibrate(artifact_dir: Path, source: dict, options, report):
@@ -285,6 +321,7 @@ def _calibrate(artifact_dir: Path, source: dict, options, report):
         options.calib_mode,
         experts,
         report,
+        cached=bool(source.get("cache")),
     )
     float_model.close()
     del float_model
@@ -314,6 +351,15 @@ def _gate(tmp: Path, manifest, artifact_dir, options, bars, path: str, report) -
     )
     verdict["evaluation"] = note or "ONNX Runtime CPU on the quantised graph"
     candidate.close()
+    if manifest.get("cache"):
+        from dllm_export.calibration.gate import run_cached_gate
+        from dllm_export.runtime.backends.onnxruntime import OrtBackend
+
+        cached = OrtBackend(tmp, manifest, logits=True)
+        run_cached_gate(verdict, float_model,
+                        candidate_model(cached, float_model, path, options.precision),
+                        bars, settings, progress=report)
+        cached.close()
     float_model.close()
     return verdict
 
@@ -353,11 +399,19 @@ def quantize_artifact(
         _calibrate(artifact_dir, source, options, report) if method.calibrated else None
     )
     manifest = copy.deepcopy(source)
+    cached_note = None
+    if source.get("cache") and method.backend == "modelopt":
+        manifest["cache"] = None  # the ModelOpt worker quantises the canvas graph only
+        cached_note = ("not quantised: the ModelOpt path quantises the canvas graph only; "
+                       "use an ONNX Runtime method for cached decoding")
     with atomic_directory(out_dir, overwrite=options.overwrite) as tmp:
         selection, backend_report = _write_graph(
             tmp, artifact_dir, source, method, options, calibration, report
         )
-        manifest.update(_graph_fields(tmp, method, source, backend_report))
+        if manifest.get("cache"):
+            cached_note = _write_cached_graphs(tmp, artifact_dir, source, method, options,
+                                               calibration, report)
+        manifest.update(_graph_fields(tmp, method, manifest, backend_report))
         manifest["precision"] = options.precision
         manifest["quantization"] = {
             "method": method.name,
@@ -370,6 +424,7 @@ def quantize_artifact(
                 "fingerprint": source["source"]["fingerprint"],
             },
             "quantized_nodes": len(selection.quantize),
+            "cached_graphs": cached_note,
             "excluded": selection.excluded,
             "calibration": calibration.summary if calibration else None,
             "runs_on": runs_on(method, options.precision),

@@ -267,19 +267,6 @@ def _manifest(checkpoint, options, special, tokenizer, model, canvas, defaults, 
     }
 
 
-def _lint_graphs(directory: Path, manifest: dict, check_trt) -> dict:
-    """TensorRT lint of the canvas graph and every cached graph."""
-    files = {"canvas": manifest["graph"]["file"]}
-    files.update({name: spec["file"]
-                  for name, spec in ((manifest.get("cache") or {}).get("graphs") or {}).items()})
-    findings, clean = [], {}
-    for name, file in files.items():
-        found = check_trt(directory / file)
-        clean[name] = not any(f.severity == "error" for f in found)
-        findings += [{**asdict(f), "graph": name} for f in found]
-    return {"clean": all(clean.values()), "graphs": clean, "findings": findings}
-
-
 def model_vocab(model) -> int:
     args = model.args
     return getattr(args, "embedding_size", None) or args.vocab_size
@@ -289,7 +276,7 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
     """Export ``model_dir`` to ``out_dir``; returns the manifest. ``report(stage, detail)``
     receives progress. Raises DllmExportError when validation fails (after writing)."""
     from dllm_export.checkpoint import open_checkpoint, resolve_special_tokens
-    from dllm_export.export.trt_lint import check_trt
+    from dllm_export.export.trt_lint import lint_artifact
     from dllm_export.export.validate import run_validation
     from dllm_export.models import load_model, set_moe_strategy
     from dllm_export.models.head import DecodeHead, Denoiser
@@ -350,7 +337,7 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
             if (Path(model_dir) / name).is_file():
                 shutil.copy2(Path(model_dir) / name, tmp / name)
         report("check-trt", "TensorRT operator support")
-        manifest["trt_compatibility"] = _lint_graphs(tmp, manifest, check_trt)
+        manifest["trt_compatibility"] = lint_artifact(tmp, manifest)
         if options.validate:
             report("validate", "ONNX Runtime CPU vs PyTorch")
             if has_moe:

@@ -176,3 +176,19 @@ def check_trt(onnx_path: str | Path) -> list[Finding]:
             severity = "warning" if reason.startswith("data-dependent") else "error"
             findings.append(Finding(severity, name, node.op_type, reason))
     return findings
+
+
+def lint_artifact(directory: Path, manifest: dict) -> dict:
+    """``check_trt`` over an artifact's canvas graph and every cached graph: the manifest's
+    ``trt_compatibility`` (clean overall, clean per graph, every finding with its graph)."""
+    from dataclasses import asdict
+
+    files = {"canvas": manifest["graph"]["file"]}
+    graphs = (manifest.get("cache") or {}).get("graphs") or {}
+    files.update({name: spec["file"] for name, spec in graphs.items()})
+    findings, clean = [], {}
+    for name, file in files.items():
+        found = check_trt(Path(directory) / file)
+        clean[name] = not any(f.severity == "error" for f in found)
+        findings += [{**asdict(f), "graph": name} for f in found]
+    return {"clean": all(clean.values()), "graphs": clean, "findings": findings}

@@ -92,6 +92,9 @@ class OrtBackend(Backend):
         self.sessions, self.bound = {}, {}
         self.cache_arrays = None
         self.bytes_moved = {"inputs": 0, "outputs": 0, "cache_writes": 0}
+        # on_feeds(graph name, feeds) sees every cached call's inputs, past included
+        # (calibration records the states each cached graph meets); None: no copies made.
+        self.on_feeds = None
 
     def _open(self, graph: Path):
         import onnxruntime as ort
@@ -186,12 +189,20 @@ class OrtBackend(Backend):
 
     def _run_bound(self, name, input_ids, position_ids, attention_mask):
         session, binding, outputs, spec = self._binding(name)
+        feeds = {}
         for input_name, array, dtype in (("input_ids", input_ids, np.int64),
                                          ("position_ids", position_ids, np.int64),
                                          ("attention_mask", attention_mask, np.bool_)):
             array = np.ascontiguousarray(array, dtype=dtype)
             binding.bind_cpu_input(input_name, array)
             self.bytes_moved["inputs"] += array.nbytes
+            feeds[input_name] = array
+        if self.on_feeds is not None:
+            for tensor in spec.inputs:
+                if tensor.name.startswith("past_"):
+                    cache = self.cache_arrays[tensor.name.replace("past_", "", 1)][0]
+                    feeds[tensor.name] = cache.copy()
+            self.on_feeds(name, {k: v.copy() for k, v in feeds.items()})
         session.run_with_iobinding(binding)
         head = [outputs[n].copy() for n in contract.DECODE_OUTPUTS]
         self.bytes_moved["outputs"] += sum(a.nbytes for a in head)
