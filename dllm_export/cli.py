@@ -413,10 +413,12 @@ def plan(source, profile_name, precision, seq_len, batch, cache, block_length, a
 @click.option("--refittable", is_flag=True, help="Build an engine whose weights can be refit.")
 @click.option("--timing-cache", type=click.Path(), default=None,
               help="Timing cache file (default: per GPU and TensorRT version in ~/.cache).")
+@click.option("--no-cache", "no_cache", is_flag=True,
+              help="Build the canvas engine only, not the cached graphs' engines.")
 @click.option("--overwrite", is_flag=True)
 @user_errors
 def build(artifact_dir, profile_name, out_dir, precision, via, weight_streaming, refittable,
-          timing_cache, overwrite):
+          timing_cache, no_cache, overwrite):
     """Build a TensorRT engine for this machine's GPU from an ONNX artifact."""
     from pathlib import Path
 
@@ -425,7 +427,7 @@ def build(artifact_dir, profile_name, out_dir, precision, via, weight_streaming,
     from dllm_export.export.build_progress import ConsoleBuildProgress
 
     options = BuildOptions(precision=precision, via=via, weight_streaming=weight_streaming,
-                           refittable=refittable, overwrite=overwrite,
+                           refittable=refittable, overwrite=overwrite, cache=not no_cache,
                            timing_cache=Path(timing_cache) if timing_cache else None)
     profile = load_profile(profile_name)
     with ConsoleBuildProgress(_console()) as progress:
@@ -448,7 +450,8 @@ def build(artifact_dir, profile_name, out_dir, precision, via, weight_streaming,
               help="One prompt per line (or .jsonl with a \"prompt\" field).")
 @click.option("--chat/--no-chat", default=True, show_default=True)
 @click.option("--sweep", "sweeps", multiple=True, help="KEY=V1,V2,... for threshold, "
-              "block_length, steps, gen_length, seq_len or precision (repeatable).")
+              "block_length, steps, gen_length, cache (none,prefix,dual,block), seq_len or "
+              "precision (repeatable).")
 @click.option("--runs", default=5, show_default=True, help="Timed generations per point.")
 @click.option("--warmup", default=1, show_default=True, help="Untimed generations first.")
 @click.option("--rounds", default=1, show_default=True,

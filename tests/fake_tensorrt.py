@@ -1,7 +1,11 @@
 """Stand-ins for ``tensorrt`` and cuda-python's runtime, just big enough to drive the build
 and the TensorRT backend on a CPU: they record what our code asks of TensorRT's documented
 API and move bytes for real (device "memory" is host memory), so the backend's step loop,
-its uploads, downloads and CUDA-graph replay are exercised end to end."""
+its uploads, downloads and CUDA-graph replay are exercised end to end.
+
+A real ONNX file builds an "engine" that runs the graph with ONNX Runtime on the tensors
+at the addresses the backend bound (fixed shapes from the graph, as TensorRT's parser
+reads them); the placeholder files of the unit tests build a toy engine instead."""
 
 from __future__ import annotations
 
@@ -52,6 +56,7 @@ class _Network:
     def __init__(self, flags):
         self.flags = flags
         self.inputs = [types.SimpleNamespace(name=n) for n in ("input_ids", "attention_mask")]
+        self.onnx_path = None
 
     @property
     def num_inputs(self):
@@ -106,16 +111,27 @@ def make_tensorrt(log: dict, version: str = "10.8.0.43", parse_ok: bool = True):
                 monitor.phase_finish("Building engine")
             log["built"] = {"flags": config.flags, "level": config.builder_optimization_level,
                             "shapes": config.profiles[0].shapes}
+            log.setdefault("builds", []).append(network.onnx_path)
+            if network.onnx_path is not None:
+                return memoryview(b"ONNX:" + network.onnx_path.encode())
             return memoryview(b"ENGINE")
 
     class OnnxParser:
         num_errors = 0 if parse_ok else 1
 
         def __init__(self, network, logger):
-            pass
+            self.network = network
 
         def parse_from_file(self, path):
             log["parsed"] = path
+            try:
+                import onnx
+
+                graph = onnx.load(path, load_external_data=False).graph
+            except Exception:  # the unit tests' placeholder bytes
+                return parse_ok
+            self.network.inputs = [types.SimpleNamespace(name=i.name) for i in graph.input]
+            self.network.onnx_path = path
             return parse_ok
 
         def get_error(self, index):
@@ -176,6 +192,8 @@ class _Context:
 
     def execute_async_v3(self, stream):
         self.engine.log["launches"] = self.engine.log.get("launches", 0) + 1
+        if self.engine.log.get("capturing"):  # a CUDA graph records this context's launch
+            self.engine.log["captured_context"] = self
         ids, mask = self._view("input_ids"), self._view("attention_mask")
         self._view("topk_ids")[...] = (ids[..., None] + np.arange(TOPK)) * mask[..., None]
         self._view("topk_logprobs")[...] = -np.arange(TOPK, dtype=np.float32)
@@ -190,13 +208,51 @@ class _Runtime:
 
     def deserialize_cuda_engine(self, blob):
         self.log["deserialized"] = bytes(blob)
+        if bytes(blob).startswith(b"ONNX:"):
+            return _OnnxEngine(self.log, bytes(blob)[5:].decode())
         return _Engine(self.log) if blob == b"ENGINE" else None
+
+
+ONNX_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+              "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
+
+
+class _OnnxEngine(_Engine):
+    """A real graph's I/O, run by ONNX Runtime over the memory at the bound addresses."""
+
+    def __init__(self, log, path):
+        import onnxruntime as ort
+
+        self.log, self.path = log, path
+        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        self.tensors = {t.name: (tuple(t.shape), ONNX_TYPES[t.type])
+                        for t in (*self.session.get_inputs(), *self.session.get_outputs())}
+        self.inputs = [t.name for t in self.session.get_inputs()]
+        self.names = list(self.tensors)
+
+    def create_execution_context(self):
+        context = _OnnxContext(self)
+        self.log.setdefault("contexts", []).append(context)
+        return context
+
+
+class _OnnxContext(_Context):
+    def execute_async_v3(self, stream):
+        self.engine.log["launches"] = self.engine.log.get("launches", 0) + 1
+        if self.engine.log.get("capturing"):
+            self.engine.log["captured_context"] = self
+        feeds = {name: self._view(name).copy() for name in self.engine.inputs}
+        outputs = [n for n in self.engine.names if n not in self.engine.inputs]
+        for name, value in zip(outputs, self.engine.session.run(outputs, feeds), strict=True):
+            self._view(name)[...] = value
+        return True
 
 
 class FakeCudart:
     """cuda-python's runtime over host memory; graph replay re-runs the captured launch."""
 
-    cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+    cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2,
+                                           cudaMemcpyDeviceToDevice=3)
     cudaStreamCaptureMode = types.SimpleNamespace(cudaStreamCaptureModeThreadLocal=0)
 
     def __init__(self, log, capture_ok=True):
@@ -236,15 +292,21 @@ class FakeCudart:
         ctypes.memmove(dst, src, count)
         return (0,)
 
+    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
+        self.log.setdefault("copies_2d", []).append((kind, width, height))
+        for row in range(height):
+            ctypes.memmove(dst + row * dpitch, src + row * spitch, width)
+        return (0,)
+
     def cudaStreamSynchronize(self, stream):
         return (0,)
 
     def cudaStreamBeginCapture(self, stream, mode):
-        self.capturing = True
+        self.capturing = self.log["capturing"] = True
         return (0,)
 
     def cudaStreamEndCapture(self, stream):
-        self.capturing = False
+        self.capturing = self.log["capturing"] = False
         return (0 if self.capture_ok else 900), "graph"
 
     def cudaGetLastError(self):
@@ -255,7 +317,7 @@ class FakeCudart:
 
     def cudaGraphLaunch(self, graph_exec, stream):
         self.log["replays"] = self.log.get("replays", 0) + 1
-        self.log["context"].execute_async_v3(stream)
+        self.log["captured_context"].execute_async_v3(stream)
         return (0,)
 
     def cudaGraphExecDestroy(self, graph_exec):

@@ -516,3 +516,43 @@ def test_build_refuses_a_graph_tensorrt_cannot_parse(tmp_path):
                                               r"model.layers.0.mlp/MoE .*re-export with --moe dense"):
         check_tensorrt_compatible(tmp_path, manifest)
     check_tensorrt_compatible(tmp_path, {"trt_compatibility": {"clean": True, "findings": []}})
+
+
+def test_tensorrt_backend_keeps_the_cache_on_the_device(tmp_path, fakes, artifact):
+    """Engines for every cached graph; cached decoding commits ONNX Runtime's tokens in
+    each mode while the cache stays in device buffers: the prefill engine writes
+    it in place, commits are device-to-device copies, and only ids, positions, masks and
+    the decode head cross to and from the host."""
+    from dllm_export import families
+    from dllm_export.runtime.backends.onnxruntime import OrtBackend
+    from dllm_export.runtime.generate import SamplerConfig, Special, denoise
+
+    source = artifact("llada")  # exported before the fakes replace tensorrt
+    log = fakes()
+    engine = tmp_path / "engine"
+    manifest = build_engine(source, load_profile("h100-sxm"), engine,
+                            BuildOptions(precision="fp32", timing_cache=tmp_path / "t"))
+    assert sorted(p.name for p in engine.glob("*.engine")) == [
+        "decode.engine", "model.engine", "prefill.engine", "step.engine", "window.engine"]
+    assert manifest["cache"]["graphs"]["step"]["engine"] == "step.engine"
+    assert set(manifest["build"]["cached_engine_bytes"]) == {"prefill", "step", "window",
+                                                              "decode"}
+    backend, _ = open_backend(engine)
+    ort = OrtBackend(source, json.loads((source / "manifest.json").read_text()))
+    special = Special(**{k: manifest["special_tokens"][k] for k in ("mask_id", "eos_id")},
+                      eot_id=manifest["special_tokens"]["eot_id"],
+                      pad_id=manifest["special_tokens"]["eos_id"])
+    prompt = [int(t) for t in np.random.default_rng(3).integers(0, 300, 32)]
+    cache_bytes = sum(b.nbytes for b in backend.cache.values())
+    for mode in ("none", "dual", "block"):
+        config = SamplerConfig(gen_length=16, steps=16, block_length=8, cache=mode,
+                               early_exit=False)
+        log["copies"], log["copies_2d"] = [], []
+        got = denoise(backend, [prompt], config, special, family=families.family("llada"))
+        want = denoise(ort, [prompt], config, special, family=families.family("llada"))
+        assert got.sequences.tolist() == want.sequences.tolist(), mode
+        assert max(count for _, count in log["copies"]) < cache_bytes / 4, mode
+        commits = [c for c in log["copies_2d"] if c[0] == 3]
+        assert len(commits) == (2 * 2 if mode == "block" else 0)  # 1 commit x 2 layers x k, v
+    backend.close()
+    assert log["cuda"].memory == {}

@@ -8,12 +8,16 @@ the GPU (the GPU must be the profile's: engines do not move between GPUs).
 The engine directory (written atomically) holds ``model.engine``, the tokenizer files and a
 manifest: the artifact's runtime fields plus ``kind: "tensorrt"``, the engine file, the
 TensorRT and CUDA versions, the GPU name and compute capability, the profile, the precision
-and the source artifact's fingerprint. ``--via ort-trt`` writes instead an ONNX Runtime
+and the source artifact's fingerprint. An artifact with cached graphs gets one engine per
+cached graph too (``prefill.engine``, ``step.engine``, ...; ``--no-cache`` leaves them
+out). Each engine holds its own copy of the weights, which the memory check counts. ``--via ort-trt`` writes instead an ONNX Runtime
 directory whose TensorRT execution provider engine cache is already filled.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import resource
 import shutil
@@ -38,6 +42,7 @@ RUNTIME_FIELDS = (
     "format", "format_version", "family", "source", "shapes", "dtype", "vocab_size",
     "tokenizer_vocab_size", "special_tokens", "special_ids", "topk", "outputs",
     "shift_logits", "moe", "inputs", "output_specs", "generation_defaults", "quantization",
+    "contract_version", "cache",
 )
 
 
@@ -49,6 +54,7 @@ class BuildOptions:
     refittable: bool = False
     timing_cache: Path | None = None  # default: per GPU and TensorRT version under ~/.cache
     overwrite: bool = False
+    cache: bool = True  # also the cached graphs' engines, when the artifact has them
 
 
 def read_artifact(artifact_dir: Path) -> dict:
@@ -94,13 +100,21 @@ def artifact_fingerprint(artifact_dir: Path, manifest: dict) -> str:
     return digest.hexdigest()
 
 
-def check_fit(plan, weight_streaming: bool) -> dict:
+def check_fit(plan, weight_streaming: bool, engines: int = 1) -> dict:
     """Refuse a plan that does not fit, with its numbers; returns build notes (the weight
-    streaming budget when weights may stay partly in host memory)."""
+    streaming budget when weights may stay partly in host memory). ``engines`` engines each
+    hold the weights (the canvas engine and one per cached graph)."""
     memory, profile = plan.chosen, plan.profile
     gib = 1 << 30
-    if memory.fits:
+    extra = (engines - 1) * memory.weight_bytes
+    if memory.total_bytes + extra <= memory.usable_bytes:
         return {}
+    if engines > 1 and memory.fits:
+        raise DllmExportError(
+            f"{plan.source.path}: the canvas engine and {engines - 1} cached engines each "
+            f"hold the weights ({engines} x {memory.weight_bytes / gib:.2f} GiB), more than "
+            f"the {memory.usable_bytes / gib:.2f} GiB usable on {profile.name}; build with "
+            "--no-cache (no cached decoding on TensorRT) or quantise further")
     rest = memory.activation_bytes + memory.workspace_bytes
     if weight_streaming and not profile.unified_memory and rest < memory.usable_bytes:
         return {"weight_streaming_budget_bytes": memory.usable_bytes - rest}
@@ -126,7 +140,7 @@ def check_gpu_matches(profile: DeviceProfile, capability: str, gpu_name: str) ->
 def engine_manifest(artifact_manifest: dict, *, library: str, trt_version: str, gpu,
                     profile: DeviceProfile, precision: str, source: dict, build: dict) -> dict:
     """The engine directory's manifest (see docs/architecture.md)."""
-    manifest = {key: artifact_manifest[key] for key in RUNTIME_FIELDS
+    manifest = {key: copy.deepcopy(artifact_manifest[key]) for key in RUNTIME_FIELDS
                 if key in artifact_manifest}
     versions = dict(artifact_manifest.get("versions") or {})
     versions.update({library: trt_version, "cuda": gpu.cuda_runtime})
@@ -179,8 +193,11 @@ def build_engine(artifact_dir, profile: DeviceProfile, out_dir, options: BuildOp
         raise DllmExportError(f"profile {profile.name} runs ONNX Runtime, which needs no "
                               f"engine: run the artifact directly (dllm-export run {artifact_dir})")
     manifest = read_artifact(artifact_dir)
+    if not options.cache:
+        manifest = {**manifest, "cache": None}
     plan = plan_model(artifact_dir, profile, precision=options.precision)
-    notes = check_fit(plan, options.weight_streaming)
+    graphs = (manifest.get("cache") or {}).get("graphs") or {}
+    notes = check_fit(plan, options.weight_streaming, 1 + len(graphs))
     if options.via == "ort-trt":
         from dllm_export.export.build_ort_trt import build_ort_trt
 
@@ -220,13 +237,19 @@ def _build_tensorrt(artifact_dir, manifest, plan, out_dir, options, notes, repor
         refittable=options.refittable,
     )
     started = time.perf_counter()
+    cached = {}
     with cuda.DeviceMemoryPeak() as device_peak:
         engine = build_serialized(trt, settings, report)
+        for name, spec in ((manifest.get("cache") or {}).get("graphs") or {}).items():
+            shapes = {tensor["name"]: tensor["shape"] for tensor in spec["inputs"]}
+            cached[name] = build_serialized(trt, dataclasses.replace(
+                settings, onnx_path=artifact_dir / spec["file"], input_shapes=shapes), report)
     build = {
         "seconds": round(time.perf_counter() - started, 2),
         "peak_host_bytes": peak_host_bytes(),
         "peak_device_bytes": device_peak.peak,
         "engine_bytes": engine.nbytes,
+        "cached_engine_bytes": {name: blob.nbytes for name, blob in cached.items()},
         "strongly_typed": typing.strongly_typed,
         "precision_flag": typing.precision_flag,
         "workspace_bytes": settings.workspace_bytes,
@@ -242,8 +265,12 @@ def _build_tensorrt(artifact_dir, manifest, plan, out_dir, options, notes, repor
     result = engine_manifest(manifest, library=profile.engine_library,
                              trt_version=trt.__version__, gpu=gpu, profile=profile,
                              precision=precision, source=source, build=build)
+    for name in cached:
+        result["cache"]["graphs"][name]["engine"] = f"{name}.engine"
     with atomic_directory(out_dir, overwrite=options.overwrite) as tmp:
         (tmp / ENGINE_FILE).write_bytes(engine)
+        for name, blob in cached.items():
+            (tmp / f"{name}.engine").write_bytes(blob)
         copy_tokenizer(artifact_dir, tmp)
         write_json(tmp / "manifest.json", result)
     return result

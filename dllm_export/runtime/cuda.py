@@ -135,6 +135,17 @@ class Stream:
         call(self.runtime.cudaMemcpyAsync(array.ctypes.data, buffer.ptr, array.nbytes, kind,
                                           self._stream), "cudaMemcpyAsync (to host)")
 
+    def copy_rows(self, dst: DeviceBuffer, dst_offset: int, dst_pitch: int,
+                  src: DeviceBuffer, src_offset: int, src_pitch: int, width: int,
+                  height: int) -> None:
+        """Device-to-device copy of ``height`` rows of ``width`` bytes (cudaMemcpy2DAsync):
+        a commit writes a block's keys into its slots of every head at once."""
+        kind = self.runtime.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        call(self.runtime.cudaMemcpy2DAsync(dst.ptr + dst_offset, dst_pitch,
+                                            src.ptr + src_offset, src_pitch, width, height,
+                                            kind, self._stream),
+             "cudaMemcpy2DAsync (device to device)")
+
     def synchronize(self) -> None:
         call(self.runtime.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
 

@@ -6,6 +6,12 @@ backend's lifetime; a step uploads the canvas (and the attention mask only when 
 runs the engine (replaying a CUDA graph captured on the first step where TensorRT allows it)
 and downloads only the decode head's outputs: ``[B, L, 2K + S + 1]`` numbers, not ``[B, L, V]``.
 
+Engine directories built from an artifact with cached graphs hold one engine per cached
+graph. The key/value cache is one device buffer per layer and kind, bound as every step
+engine's ``past_*`` inputs and as the prefill engine's ``present_*`` outputs (the prefill
+writes it in place); a commit copies a block's rows into their slots on the device
+(``cudaMemcpy2DAsync``). Nothing of the cache crosses to the host.
+
 Engines are tied to the TensorRT version and the GPU they were built with. Opening one
 elsewhere is refused up front, with the command that rebuilds it, instead of TensorRT's
 "Serialization assertion ... Version tag does not match".
@@ -23,6 +29,8 @@ from dllm_export.contract import DECODE_OUTPUTS
 from dllm_export.errors import DllmExportError
 from dllm_export.runtime.backends.base import Backend
 from dllm_export.runtime.prediction import Prediction
+
+ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # cache element sizes
 
 INSTALL_HINT = {
     "tensorrt": (
@@ -89,10 +97,43 @@ def check_engine_compatibility(manifest: dict, running: RunningStack, directory:
     )
 
 
+class _EngineIO:
+    """A deserialised engine, its execution context and one device buffer per I/O tensor
+    (those in ``bound`` are shared buffers, such as the key/value cache)."""
+
+    def __init__(self, trt, runtime, path: Path, bound: dict, budget=None):
+        from dllm_export.runtime import cuda
+
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise DllmExportError(f"{path}: TensorRT could not load the engine (see its log "
+                                  "above); rebuild it")
+        if budget is not None:  # the part of the weights kept on the device
+            self.engine.weight_streaming_budget_v2 = int(budget)
+        self.context = self.engine.create_execution_context()
+        self.host, self.buffers, self.owned = {}, {}, []
+        for index in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(index)
+            shape = tuple(self.engine.get_tensor_shape(name))
+            self.host[name] = np.zeros(shape, np.dtype(trt.nptype(self.engine.get_tensor_dtype(name))))
+            if name in bound:
+                self.buffers[name] = bound[name]
+            else:
+                self.buffers[name] = cuda.DeviceBuffer(self.host[name].nbytes)
+                self.owned.append(self.buffers[name])
+            self.context.set_tensor_address(name, self.buffers[name].ptr)
+
+    def free(self):
+        for buffer in self.owned:
+            buffer.free()
+        self.owned = []
+
+
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, directory: Path, manifest: dict):
+        from dllm_export import contract
         from dllm_export.runtime import cuda
 
         self.directory = Path(directory)
@@ -107,26 +148,34 @@ class TensorRTBackend(Backend):
         self.special_ids = tuple(manifest.get("special_ids", ()))
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        engine_bytes = (self.directory / manifest["engine"]).read_bytes()
-        self.engine = self._runtime.deserialize_cuda_engine(engine_bytes)
-        if self.engine is None:
-            raise DllmExportError(f"{self.directory / manifest['engine']}: TensorRT could not "
-                                  "load the engine (see its log above); rebuild it")
-        budget = manifest.get("build", {}).get("weight_streaming_budget_bytes")
-        if budget is not None:  # the part of the weights kept on the device
-            self.engine.weight_streaming_budget_v2 = int(budget)
-        self.context = self.engine.create_execution_context()
         self.stream = cuda.Stream()
-        self.buffers, self.host = {}, {}
-        for index in range(self.engine.num_io_tensors):
-            name = self.engine.get_tensor_name(index)
-            shape = tuple(self.engine.get_tensor_shape(name))
-            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
-            self.host[name] = np.zeros(shape, dtype)
-            self.buffers[name] = cuda.DeviceBuffer(self.host[name].nbytes)
-            self.context.set_tensor_address(name, self.buffers[name].ptr)
+        budget = manifest.get("build", {}).get("weight_streaming_budget_bytes")
+        self.canvas = _EngineIO(trt, self._runtime, self.directory / manifest["engine"], {},
+                                budget)
+        self.engine, self.context = self.canvas.engine, self.canvas.context
+        self.buffers, self.host = self.canvas.buffers, self.canvas.host
         self._last_mask = None
         self._capture_tried = False
+        self.graphs = contract.graph_specs(manifest, str(self.directory / "manifest.json"))
+        self.has_cached_graphs = bool(self.graphs)
+        self.cache, self.cached = {}, {}
+        if self.graphs:
+            self._open_cached(trt, manifest, budget)
+
+    def _open_cached(self, trt, manifest, budget):
+        from dllm_export.runtime import cuda
+
+        prefill = self.graphs["prefill"]
+        heads = len(DECODE_OUTPUTS)
+        for tensor in prefill.outputs[heads:]:  # [B, Hkv, C, Dh] per layer and kind
+            size = int(np.prod(tensor.shape)) * ITEM_BYTES[tensor.dtype]
+            self.cache[tensor.name.replace("present_", "", 1)] = cuda.DeviceBuffer(size)
+        for name, spec in self.graphs.items():
+            role = "present_" if spec.capacity == 0 else "past_"
+            bound = {role + key: buffer for key, buffer in self.cache.items()}
+            engine = manifest["cache"]["graphs"][name]["engine"]
+            self.cached[name] = (_EngineIO(trt, self._runtime, self.directory / engine, bound,
+                                           budget), spec)
 
     def _launch(self) -> bool:
         return self.context.execute_async_v3(self.stream.handle)
@@ -168,10 +217,63 @@ class TensorRTBackend(Backend):
             return super()._run_logits(input_ids, attention_mask)
         return self._forward(input_ids, attention_mask, ("logits",))["logits"]
 
+    # --------------------------------------------------------------- cached graphs
+
+    def rows_for(self, needed: int) -> int:
+        fits = sorted(s.queries for s in self.graphs.values() if s.capacity and s.queries >= needed)
+        if not fits:
+            raise DllmExportError(f"{self.directory}: no cached engine takes {needed} query "
+                                  "rows; re-export with a larger --window and rebuild")
+        return fits[0]
+
+    def reset_cache(self, batch: int, capacity: int) -> None:
+        if not self.graphs:
+            self._no_cache()
+        if capacity != self.seq_len:
+            raise DllmExportError(f"a cache of {capacity} slots; the engine holds {self.seq_len}")
+
+    def _cached_call(self, io: _EngineIO, input_ids, position_ids, attention_mask) -> Prediction:
+        for name, array in (("input_ids", input_ids), ("position_ids", position_ids),
+                            ("attention_mask", attention_mask)):
+            io.host[name][...] = array
+            self.stream.upload(io.buffers[name], io.host[name])
+        if not io.context.execute_async_v3(self.stream.handle):
+            raise DllmExportError(f"{self.directory}: TensorRT failed to run a cached engine")
+        for name in DECODE_OUTPUTS:
+            self.stream.download(io.host[name], io.buffers[name])
+        self.stream.synchronize()
+        out = {name: io.host[name].copy() for name in DECODE_OUTPUTS}
+        return Prediction(out["topk_ids"].astype(np.int64), out["topk_logprobs"],
+                          out["neg_entropy"], out["special_logprobs"], self.special_ids)
+
+    def _run_prefill(self, input_ids, position_ids, attention_mask) -> Prediction:
+        io, _ = self.cached["prefill"]
+        return self._cached_call(io, input_ids, position_ids, attention_mask)
+
+    def _run_cached_step(self, input_ids, position_ids, attention_mask, write) -> Prediction:
+        rows = input_ids.shape[1]
+        io, spec = next(v for v in self.cached.values() if v[1].capacity and v[1].queries == rows)
+        pred = self._cached_call(io, input_ids, position_ids, attention_mask)
+        if write is not None:
+            row, slot, count = write
+            for key, cache in self.cache.items():
+                present = io.host["present_" + key]
+                batch, heads, _, head_dim = present.shape
+                item = head_dim * present.itemsize  # one slot of one head, in bytes
+                self.stream.copy_rows(cache, slot * item, spec.capacity * item,
+                                      io.buffers["present_" + key], row * item, rows * item,
+                                      count * item, batch * heads)
+            self.stream.synchronize()
+        return pred
+
     def close(self) -> None:
         if getattr(self, "stream", None) is not None:
             self.stream.close()
             self.stream = None
-        for buffer in getattr(self, "buffers", {}).values():
+        for io, _ in getattr(self, "cached", {}).values():
+            io.free()
+        for buffer in getattr(self, "cache", {}).values():
             buffer.free()
-        self.buffers = {}
+        if getattr(self, "canvas", None) is not None:
+            self.canvas.free()
+        self.cached, self.cache, self.buffers = {}, {}, {}
