@@ -172,21 +172,33 @@ def _sweeps(p: dict) -> list[str]:
         s for s in dict.fromkeys(pt["series"] for pt in p["points"]) if s != "baseline"
     ]
     lines = []
+    ar_rate = p["headline"].get("autoregressive_tokens_per_second")
     for key in series:
         lines += [f"## Sweep: {key}", ""]
+        if key == "cache":
+            lines += [
+                "Each cache mode beside `none` and the autoregressive baseline of the same "
+                "graphs. The floor is that of the whole generation in the mode (full "
+                "forwards for refreshes and the prefill, cached-step floors for the rest).",
+                "",
+            ]
         rows = []
         for pt in (x for x in p["points"] if x["series"] == key):
             m, floor = pt["measured"], pt.get("roofline", {})
+            rate = m["tokens_per_second"].get("median")
             rows.append(
                 [
                     str(pt["value"]),
+                    *([] if key == "cache" else [m.get("cache") or "none"]),
                     m["canvas_length"],
                     m["step"].get("median_ms"),
                     m["step"].get("p90_ms"),
                     m["step"].get("p99_ms"),
                     floor.get("floor_ms"),
                     floor.get("measured_over_floor"),
-                    m["tokens_per_second"].get("median"),
+                    rate,
+                    floor.get("predicted_tokens_per_second"),
+                    rate / ar_rate if rate and ar_rate else None,
                     m["tokens_per_forward"],
                     m["forwards_per_generation"].get("median"),
                     (pt.get("quality") or {}).get("accuracy"),
@@ -196,13 +208,16 @@ def _sweeps(p: dict) -> list[str]:
         lines += _table(
             [
                 key,
+                *([] if key == "cache" else ["cache"]),
                 "canvas",
                 "step ms p50",
                 "p90",
                 "p99",
-                "floor ms",
+                "canvas floor ms",
                 "x floor",
                 "tokens/s",
+                "roofline tokens/s",
+                "x autoregressive",
                 "TPF",
                 "NFE",
                 "accuracy",

@@ -21,9 +21,10 @@ def _pyplot():
 
 
 def _series(profile: dict, key: str) -> list[dict]:
-    return sorted(
-        (p for p in profile["points"] if p["series"] == key), key=lambda p: p["value"]
-    )
+    points = [p for p in profile["points"] if p["series"] == key]
+    if all(isinstance(p["value"], (int, float)) for p in points):
+        return sorted(points, key=lambda p: p["value"])
+    return points  # categories (cache modes) in the order they were swept
 
 
 def _save(fig, path: Path) -> Path:
@@ -79,7 +80,16 @@ def speed_vs_setting(profile: dict, key: str, path: Path) -> Path | None:
     fig, axis = plt.subplots(figsize=SIZE)
     values = [p["value"] for p in points]
     rates = [p["measured"]["tokens_per_second"]["median"] for p in points]
-    axis.plot(values, rates, "o-", color="tab:blue", label="tokens/s (median)")
+    if not all(isinstance(v, (int, float)) for v in values):  # categories: bars
+        values = [str(v) for v in values]
+        axis.bar(values, rates, color="tab:blue", alpha=0.8, label="tokens/s (median)")
+        baseline = profile["headline"].get("autoregressive_tokens_per_second")
+        if baseline:
+            axis.axhline(baseline, color="k", linestyle="--",
+                         label=f"autoregressive, same graphs ({baseline:,.0f}/s)")
+            axis.legend(fontsize=8, loc="lower right")
+    else:
+        axis.plot(values, rates, "o-", color="tab:blue", label="tokens/s (median)")
     for value, rate, p in zip(values, rates, points, strict=True):
         axis.annotate(
             f"TPF {p['measured']['tokens_per_forward']:.1f}",
