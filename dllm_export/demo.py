@@ -1,8 +1,9 @@
 """``dllm-export demo``: the whole pipeline on the shipped default model, on the CPU.
 
-inspect -> export (validated against PyTorch) -> generate held-out prompts on ONNX Runtime
-and PyTorch -> quality of the export against the checkpoint -> INT8 quantisation with its
-quality gate -> a profiling run on the ``cpu`` device profile. Each stage calls the same
+inspect -> export with the cached graphs (validated against PyTorch) -> generate held-out
+prompts on ONNX Runtime and PyTorch -> quality of the export against the checkpoint, and
+per cache mode -> INT8 quantisation with its quality gate -> a profiling run on the ``cpu``
+device profile: each cache mode beside the autoregressive baseline of the same graphs. Each stage calls the same
 library function as its CLI verb and prints what a user would look at.
 """
 
@@ -13,6 +14,10 @@ from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "default-model"
 DEMO_SEQ_LEN = 96
+DEMO_BLOCK = 16  # the default model decodes 16 positions in one block
+# What the profile stage compares: Fast-dLLM threshold decoding, without and with the dual
+# cache (docs/default-model.md has the accuracy of each).
+DEMO_SAMPLER = {"threshold": 0.5}
 STAGES = ("inspect", "export", "generate", "eval", "quantize", "profile")
 
 
@@ -33,8 +38,9 @@ def _inspect(model_dir, console):
 def _export(model_dir, out: Path, console, progress):
     from dllm_export.export.onnx import ExportOptions, export_model
 
-    manifest = export_model(model_dir, out, ExportOptions(seq_len=DEMO_SEQ_LEN, overwrite=True),
-                            report=progress)
+    options = ExportOptions(seq_len=DEMO_SEQ_LEN, overwrite=True, cache=True,
+                            block_length=DEMO_BLOCK, window=DEMO_BLOCK)
+    manifest = export_model(model_dir, out, options, report=progress)
     worst = min(manifest["validation"]["results"], key=lambda r: r["top1_agreement"])
     console.print(f"{out}: valid={manifest['valid']}, worst case {worst['case']}: top-1 "
                   f"agreement {worst['top1_agreement']:.4f}, cosine {worst['cosine_mean']:.7f}; "
@@ -64,7 +70,9 @@ def _eval(model_dir, artifact: Path, console, samples: int):
     from dllm_export.eval.harness import EvalOptions, evaluate
     from dllm_export.eval.report import print_report
 
-    report = evaluate(artifact, other=model_dir, options=EvalOptions(samples=samples, mc_num=16))
+    options = EvalOptions(samples=samples, mc_num=16, cache_modes="none,dual",
+                          thresholds=str(DEMO_SAMPLER["threshold"]))
+    report = evaluate(artifact, other=model_dir, options=options)
     print_report(report, console)
     return report
 
@@ -84,11 +92,19 @@ def _profile(artifact: Path, out: Path, console):
     from dllm_export.profiling.report import write_report
     from dllm_export.profiling.runner import ProfileOptions, profile_target
 
-    options = ProfileOptions(profile="cpu", runs=3, warmup=1, threads=1, quality="off")
+    options = ProfileOptions(profile="cpu", runs=3, warmup=1, threads=1, quality="off",
+                             sampler=DEMO_SAMPLER, sweeps=["cache=none,dual"])
     result = profile_target(artifact, options)
-    written = write_report(result, out, command=f"dllm-export profile {artifact} --profile cpu")
+    command = (f"dllm-export profile {artifact} --profile cpu --threshold "
+               f"{DEMO_SAMPLER['threshold']} --sweep cache=none,dual")
+    written = write_report(result, out, command=command)
     console.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in result["headline"].items()))
+    ar = result["headline"].get("autoregressive_tokens_per_second")
+    for point in (p for p in result["points"] if p["series"] == "cache"):
+        rate = point["measured"]["tokens_per_second"]["median"]
+        console.print(f"cache {point['value']}: {rate:,.0f} tokens/s"
+                      + (f", {rate / ar:.2f}x autoregressive ({ar:,.0f} tokens/s)" if ar else ""))
     console.print(f"report with plots: {written['markdown']}")
 
 
@@ -109,7 +125,7 @@ def run_demo(out_dir="out/demo", model_dir=DEFAULT_MODEL, samples: int = 10,
     timings = {}
     steps = {
         "inspect": ("1. inspect the checkpoint", lambda: _inspect(model_dir, console)),
-        "export": ("2. export to ONNX and validate against PyTorch",
+        "export": ("2. export to ONNX (canvas and cached graphs), validate against PyTorch",
                    lambda: _export(model_dir, artifact, console, progress)),
         "generate": ("3. generate held-out prompts (ONNX Runtime, checked against PyTorch)",
                      lambda: _generate(model_dir, artifact, console, 2)),
@@ -117,7 +133,7 @@ def run_demo(out_dir="out/demo", model_dir=DEFAULT_MODEL, samples: int = 10,
                  lambda: _eval(model_dir, artifact, console, samples)),
         "quantize": ("5. INT8 quantisation with its quality gate",
                      lambda: _quantize(artifact, out_dir / "default-int8", console, progress)),
-        "profile": ("6. profile on the cpu device profile (roofline, autoregressive baseline)",
+        "profile": ("6. profile on the cpu device profile: cache modes, roofline, autoregressive",
                     lambda: _profile(artifact, out_dir / "profile", console)),
     }
     for name in stages:

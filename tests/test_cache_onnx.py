@@ -149,3 +149,18 @@ def test_cli_cache_modes_and_refusals(artifact, tiny_dir, tmp_path):
     result = runner.invoke(main, ["export", str(tiny_dir("llada")), "-o", str(tmp_path / "x"),
                                   "--block-length", "8"])
     assert result.exit_code == 1 and "add --cache" in result.output
+
+
+def test_a_graph_that_does_not_match_its_spec_is_refused(artifact, tmp_path):
+    copy = tmp_path / "edited"
+    shutil.copytree(artifact("llada"), copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["cache"]["graphs"]["step"]["inputs"][0]["shape"] = [1, 9]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    backend = OrtBackend(copy, manifest)
+    backend.reset_cache(1, ARTIFACT_SEQ_LEN)
+    rows = np.zeros((1, ARTIFACT_BLOCK), dtype=np.int64)
+    mask = np.ones((1, ARTIFACT_BLOCK, ARTIFACT_SEQ_LEN + ARTIFACT_BLOCK), dtype=bool)
+    with pytest.raises(DllmExportError, match=r"step.onnx: input 'input_ids' is \[1, 8\] in "
+                                              r"the graph but \[1, 9\] in manifest.json"):
+        backend.cached_step(rows, rows, mask)

@@ -169,6 +169,13 @@ class OrtBackend(Backend):
             spec = self.graphs[name]
             session = self.sessions.get(name) or self._open(self.directory / spec.file)
             self.sessions[name] = session
+            found = {i.name: list(i.shape) for i in session.get_inputs()}
+            wanted = {t.name: list(t.shape) for t in spec.inputs}
+            if found != wanted:
+                odd = next(n for n in {*found, *wanted} if found.get(n) != wanted.get(n))
+                raise DllmExportError(
+                    f"{self.directory / spec.file}: input {odd!r} is {found.get(odd)} in the "
+                    f"graph but {wanted.get(odd)} in manifest.json; re-export the artifact")
             binding = session.io_binding()
             outputs = {}
             for tensor in spec.outputs:
