@@ -650,5 +650,23 @@ def demo(out_dir, model_dir, samples, stages):
                  console=progress.progress.console, progress=progress)
 
 
-if __name__ == "__main__":
+def run():
+    """The console script: ``main`` with SIGTERM handled like Ctrl-C. The handler removes
+    this process's partial output directories and exits at once (an exception raised from
+    a signal handler can land in a finaliser, where Python ignores it)."""
+    import os
+    import signal
+
+    from dllm_export.jsonio import remove_in_progress
+
+    def terminated(signum, frame):
+        remove_in_progress()
+        print("interrupted", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    signal.signal(signal.SIGTERM, terminated)
     main()
+
+
+if __name__ == "__main__":
+    run()

@@ -37,24 +37,131 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+MARKER = ".dllm-export"  # in every directory dllm-export writes: "this one is ours"
+IN_PROGRESS: set[Path] = set()  # partial directories of this process (for signal handlers)
+
+
+def remove_in_progress() -> None:
+    """Remove this process's partial directories (a SIGTERM handler's clean-up)."""
+    for path in list(IN_PROGRESS):
+        shutil.rmtree(path, ignore_errors=True)
+        IN_PROGRESS.discard(path)
+
+
+def _mark(directory: Path, state: str) -> None:
+    (directory / MARKER).write_text(json.dumps({"written_by": "dllm-export", "state": state,
+                                                "pid": os.getpid()}) + "\n")
+
+
+def is_ours(directory: Path) -> bool:
+    """A directory dllm-export wrote: it carries the marker, or (older artifacts) a
+    manifest or profile report of ours."""
+    directory = Path(directory)
+    if (directory / MARKER).is_file():
+        return True
+    for name in ("manifest.json", "profile.json"):  # artifacts, engines; profile reports
+        try:
+            if json.loads((directory / name).read_text()).get("format", "").startswith(
+                    "dllm-export"):
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
+def _related(a: Path, b: Path) -> str | None:
+    if a == b:
+        return "is"
+    if b in a.parents:
+        return "lies inside"
+    if a in b.parents:
+        return "contains"
+    return None
+
+
+def check_output(out_dir: Path, inputs=(), overwrite: bool = False) -> None:
+    """Refuse an output that is, contains or lies inside an input of the command, and an
+    existing one unless ``overwrite`` and it is a directory dllm-export wrote."""
+    out = Path(out_dir).resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        relation = _related(out, Path(source).resolve())
+        if relation:
+            raise DllmExportError(
+                f"{out_dir}: the output {relation} the input {source}; writing it would "
+                "destroy what the command reads: choose another output path")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise DllmExportError(f"{out_dir}: already exists; choose another path or pass --overwrite")
+    if not out.is_dir():
+        raise DllmExportError(
+            f"{out_dir}: exists and is not a directory; --overwrite replaces only directories "
+            "dllm-export wrote: remove it yourself or choose another path")
+    if not is_ours(out):
+        raise DllmExportError(
+            f"{out_dir}: exists and was not written by dllm-export (no {MARKER} marker or "
+            "manifest); --overwrite never deletes other directories: choose another path")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(out_dir: Path) -> list[Path]:
+    """Remove our own leftovers beside ``out_dir`` (a killed run's ``.NAME.partial-*`` or
+    ``.NAME.old-*``, marked and with no live process); returns what was removed."""
+    out_dir = Path(out_dir)
+    removed = []
+    if not out_dir.parent.is_dir():
+        return removed
+    for path in out_dir.parent.glob(f".{out_dir.name}.*"):
+        if not path.is_dir() or not path.name.startswith(
+                (f".{out_dir.name}.partial-", f".{out_dir.name}.old-")):
+            continue
+        try:
+            marker = json.loads((path / MARKER).read_text())
+        except (OSError, ValueError):
+            continue  # not ours: never touched
+        if marker.get("written_by") == "dllm-export" and not _alive(int(marker.get("pid", 0))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
-def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(out_dir: Path, overwrite: bool = False, inputs=()) -> Iterator[Path]:
     """Yield a temporary sibling directory that becomes ``out_dir`` only on success.
 
-    A crash or Ctrl-C leaves at most a hidden ``.name.partial-*`` directory behind, never a
-    directory at ``out_dir`` that looks complete.
+    The output is checked first (``check_output``: never an input, never a directory that is
+    not ours). The temporary directory is marked as ours; a crash or Ctrl-C (SIGTERM is
+    handled like it by the CLI) removes it, and a SIGKILL's leftover is removed by the next
+    run for the same output. The previous output is replaced by renames, its old copy
+    removed at once.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise DllmExportError(f"{out_dir}: already exists; choose another path or pass --overwrite")
+    check_output(out_dir, inputs, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
+    IN_PROGRESS.add(tmp)
     try:
+        _mark(tmp, "partial")
         yield tmp
+        _mark(tmp, "complete")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        IN_PROGRESS.discard(tmp)
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)

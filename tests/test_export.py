@@ -42,7 +42,7 @@ def test_export_is_valid_and_tensorrt_clean(family, artifact):
     assert (manifest["moe"] is not None) is (family == "llada-moe")
     assert manifest["shapes"] == {"batch": 1, "seq_len": SEQ_LEN}
     assert sorted(p.name for p in directory.iterdir()) == [
-        "decode.onnx", "generation_config.json", "manifest.json", "model.onnx",
+        ".dllm-export", "decode.onnx", "generation_config.json", "manifest.json", "model.onnx",
         "model.onnx.data", "model_logits.onnx", "prefill.onnx", "special_tokens_map.json",
         "step.onnx", "tokenizer.json", "tokenizer_config.json", "window.onnx"]
 

@@ -24,7 +24,7 @@ from dllm_export.calibration import methods as method_table
 from dllm_export.calibration.gate import DEFAULT_BARS, GateSettings
 from dllm_export.calibration.recipes import Recipe, select_nodes
 from dllm_export.errors import DllmExportError
-from dllm_export.jsonio import atomic_directory, write_json
+from dllm_export.jsonio import atomic_directory, check_output, write_json
 
 WORK = ".work"  # scratch folder inside the partial output, removed before it is renamed
 
@@ -376,10 +376,8 @@ def quantize_artifact(
 
     report = report or (lambda stage, detail="": None)
     artifact_dir, out_dir = Path(artifact_dir), Path(out_dir)
-    if out_dir.exists() and not options.overwrite:
-        raise DllmExportError(
-            f"{out_dir}: already exists; choose another path or pass --overwrite"
-        )
+    calib_path = Path(options.calib) if options.calib and Path(options.calib).exists() else None
+    check_output(out_dir, (artifact_dir, calib_path), options.overwrite)
     if options.samples < 1:
         raise DllmExportError("--samples must be at least 1")
     source = read_manifest(artifact_dir)
@@ -404,7 +402,8 @@ def quantize_artifact(
         manifest["cache"] = None  # the ModelOpt worker quantises the canvas graph only
         cached_note = ("not quantised: the ModelOpt path quantises the canvas graph only; "
                        "use an ONNX Runtime method for cached decoding")
-    with atomic_directory(out_dir, overwrite=options.overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=options.overwrite,
+                          inputs=(artifact_dir, calib_path)) as tmp:
         selection, backend_report = _write_graph(
             tmp, artifact_dir, source, method, options, calibration, report
         )

@@ -30,7 +30,7 @@ from pathlib import Path
 from dllm_export.device_profiles import DeviceProfile
 from dllm_export.errors import DllmExportError
 from dllm_export.export.plan import plan_model
-from dllm_export.jsonio import atomic_directory, write_json
+from dllm_export.jsonio import atomic_directory, check_output, write_json
 from dllm_export.precision import format_capability
 from dllm_export.runtime.artifact import read_manifest
 from dllm_export.runtime.tokenizer import TOKENIZER_FILES
@@ -187,6 +187,7 @@ def build_engine(artifact_dir, profile: DeviceProfile, out_dir, options: BuildOp
         The written manifest.
     """
     artifact_dir = Path(artifact_dir)
+    check_output(out_dir, (artifact_dir,), options.overwrite)  # before TensorRT loads
     if options.via not in VIA:
         raise DllmExportError(f"--via {options.via!r}: choose one of {', '.join(VIA)}")
     if profile.engine_library == "onnxruntime":
@@ -267,7 +268,7 @@ def _build_tensorrt(artifact_dir, manifest, plan, out_dir, options, notes, repor
                              precision=precision, source=source, build=build)
     for name in cached:
         result["cache"]["graphs"][name]["engine"] = f"{name}.engine"
-    with atomic_directory(out_dir, overwrite=options.overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=options.overwrite, inputs=(artifact_dir,)) as tmp:
         (tmp / ENGINE_FILE).write_bytes(engine)
         for name, blob in cached.items():
             (tmp / f"{name}.engine").write_bytes(blob)

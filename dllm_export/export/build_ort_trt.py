@@ -64,7 +64,7 @@ def build_ort_trt(artifact_dir: Path, manifest: dict, plan, out_dir: Path, optio
             f"onnxruntime {ort.__version__} here has no {TRT_EP} (it offers "
             f"{', '.join(ort.get_available_providers())}): install onnxruntime-gpu and "
             "TensorRT (on a Jetson: the onnxruntime-gpu wheel for your JetPack)")
-    with atomic_directory(out_dir, overwrite=options.overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=options.overwrite, inputs=(artifact_dir,)) as tmp:
         for child in Path(artifact_dir).iterdir():
             if child.is_file() and child.name != "manifest.json":
                 _link_or_copy(child, tmp / child.name)

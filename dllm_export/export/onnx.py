@@ -27,7 +27,7 @@ from pathlib import Path
 
 from dllm_export import contract, families
 from dllm_export.errors import DllmExportError
-from dllm_export.jsonio import atomic_directory, write_json
+from dllm_export.jsonio import atomic_directory, check_output, write_json
 
 DTYPES = ("fp32", "fp16", "bf16")
 OUTPUT_KINDS = ("decode", "logits")
@@ -287,8 +287,7 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
 
     report = report or (lambda stage, detail="": None)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not options.overwrite:
-        raise DllmExportError(f"{out_dir}: already exists; choose another path or pass --overwrite")
+    check_output(out_dir, (model_dir,), options.overwrite)  # before anything loads
     checkpoint = open_checkpoint(model_dir)
     limit = _max_positions(checkpoint.config)
     if limit and options.seq_len > limit:
@@ -322,7 +321,7 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
         sampler_defaults(checkpoint.family, checkpoint.generation_config), options.seq_len)
     cached = _cached_specs(checkpoint, options, defaults, len(special_ids)) if options.cache else None
     manifest = _manifest(checkpoint, options, special, tokenizer, model, canvas, defaults, cached)
-    with atomic_directory(out_dir, overwrite=options.overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=options.overwrite, inputs=(model_dir,)) as tmp:
         report("save", "model.onnx + external data")
         program.save(str(tmp / "model.onnx"), external_data=True)
         del program

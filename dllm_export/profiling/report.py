@@ -133,24 +133,28 @@ def _cell(value):
 
 
 def write_report(profile: dict, out_dir, command: str | None = None) -> dict:
-    """Write the JSON, CSV, markdown and plots of ``profile`` into ``out_dir``.
+    """Write the JSON, CSV, markdown and plots of ``profile`` into ``out_dir``, as a whole
+    directory (a previous report of ours is replaced; any other directory is refused).
 
     Returns {"json": path, "csv": path, "markdown": path, "plots": [paths]}.
     """
+    from dllm_export.jsonio import atomic_directory
     from dllm_export.profiling.markdown import render_profile
     from dllm_export.profiling.plots import draw_all
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if command:
         profile = {**profile, "command": command}
-    write_json(out_dir / "profile.json", profile)
-    _write_csv(out_dir / "profile.csv", csv_rows(profile), CSV_COLUMNS)
-    plots = draw_all(profile, out_dir)
+    target = (profile.get("target") or {}).get("path")
+    with atomic_directory(out_dir, overwrite=True, inputs=(target,) if target else ()) as tmp:
+        write_json(tmp / "profile.json", profile)
+        _write_csv(tmp / "profile.csv", csv_rows(profile), CSV_COLUMNS)
+        plots = draw_all(profile, tmp)
+        (tmp / "README.md").write_text(
+            render_profile(profile, [p.name for p in plots]), encoding="utf-8"
+        )
     markdown = out_dir / "README.md"
-    markdown.write_text(
-        render_profile(profile, [p.name for p in plots]), encoding="utf-8"
-    )
+    plots = [out_dir / p.name for p in plots]
     return {
         "json": out_dir / "profile.json",
         "csv": out_dir / "profile.csv",

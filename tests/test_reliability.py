@@ -1,0 +1,114 @@
+"""Reliability: nothing a user owns is destroyed, nothing half-written is left behind.
+
+Each test is a class of fault from the reliability issue; each failed on the code before it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from dllm_export.cli import main
+from dllm_export.errors import DllmExportError
+from dllm_export.jsonio import MARKER, atomic_directory, check_output
+
+
+def _copy_checkpoint(tiny_dir, tmp_path, name="ckpt"):
+    import shutil
+
+    target = tmp_path / name
+    shutil.copytree(tiny_dir("llada"), target)
+    return target
+
+
+def _one_line(result, *words):
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1, result.output
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+def test_overwrite_never_destroys_the_input(where, tiny_dir, tmp_path):
+    checkpoint = _copy_checkpoint(tiny_dir, tmp_path)
+    before = sorted(p.name for p in checkpoint.iterdir())
+    out = {"same": checkpoint, "inside": checkpoint / "onnx", "parent": tmp_path}[where]
+    relation = {"same": "is", "inside": "lies inside", "parent": "contains"}[where]
+    result = CliRunner().invoke(main, ["export", str(checkpoint), "-o", str(out),
+                                       "--seq-len", "32", "--overwrite"])
+    _one_line(result, f"the output {relation} the input")
+    assert sorted(p.name for p in checkpoint.iterdir()) == before
+
+
+def test_overwrite_replaces_only_our_own_directories(tmp_path):
+    theirs = tmp_path / "photos"
+    theirs.mkdir()
+    (theirs / "holiday.jpg").write_bytes(b"jpeg")
+    with pytest.raises(DllmExportError, match="was not written by dllm-export"):
+        check_output(theirs, overwrite=True)
+    assert (theirs / "holiday.jpg").read_bytes() == b"jpeg"
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    with pytest.raises(DllmExportError, match="exists and is not a directory"):
+        check_output(file, overwrite=True)
+    ours = tmp_path / "ours"
+    with atomic_directory(ours) as tmp:
+        (tmp / "a").write_text("1")
+    assert json.loads((ours / MARKER).read_text())["state"] == "complete"
+    with atomic_directory(ours, overwrite=True) as tmp:
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in ours.iterdir()) == [MARKER, "b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "ours", "photos"]
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_killed_runs_leftovers_are_cleaned_by_the_next_run(tmp_path):
+    out = tmp_path / "artifact"
+    stale = tmp_path / ".artifact.partial-x1y2"
+    stale.mkdir()
+    (stale / "model.onnx.data").write_bytes(b"\0" * 1000)
+    (stale / MARKER).write_text(json.dumps({"written_by": "dllm-export", "pid": _dead_pid()}))
+    old = tmp_path / ".artifact.old-12345"
+    old.mkdir()
+    (old / MARKER).write_text(json.dumps({"written_by": "dllm-export", "pid": _dead_pid()}))
+    foreign = tmp_path / ".artifact.partial-notours"
+    foreign.mkdir()  # no marker: not ours, never touched
+    alive = tmp_path / ".artifact.partial-running"
+    alive.mkdir()
+    (alive / MARKER).write_text(json.dumps({"written_by": "dllm-export", "pid": os.getpid()}))
+    with atomic_directory(out) as tmp:
+        (tmp / "x").write_text("1")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [".artifact.partial-notours", ".artifact.partial-running", "artifact"]
+
+
+def test_sigterm_during_export_leaves_nothing(tiny_dir, tmp_path):
+    checkpoint = _copy_checkpoint(tiny_dir, tmp_path)
+    out = tmp_path / "art"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "dllm_export.cli", "export", str(checkpoint), "-o", str(out),
+         "--seq-len", "32", "--cache"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".art.partial-*")) and time.time() < deadline:
+        if child.poll() is not None:
+            break
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err.decode()[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
