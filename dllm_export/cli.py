@@ -650,7 +650,7 @@ def demo(out_dir, model_dir, samples, stages):
                  console=progress.progress.console, progress=progress)
 
 
-def run():
+def entry_point():
     """The console script: ``main`` with SIGTERM handled like Ctrl-C. The handler removes
     this process's partial output directories and exits at once (an exception raised from
     a signal handler can land in a finaliser, where Python ignores it)."""
@@ -669,4 +669,4 @@ def run():
 
 
 if __name__ == "__main__":
-    run()
+    entry_point()
