@@ -111,3 +111,82 @@ def test_sigterm_during_export_leaves_nothing(tiny_dir, tmp_path):
     _, err = child.communicate(timeout=120)
     assert child.returncode == 130, err.decode()[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+# ---------------------------------------------------------------- artifacts are verified
+
+
+@pytest.fixture(scope="module")
+def twin_artifacts(tiny_dir, tmp_path_factory):
+    """Two canvas-only artifacts of the same shapes from different random weights."""
+    from dllm_export.export.onnx import ExportOptions, export_model
+    from dllm_export.models.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("twins")
+    made = []
+    for seed in (1, 2):
+        checkpoint = make_tiny("llada", root / f"ckpt{seed}", seed=seed)
+        out = root / f"art{seed}"
+        export_model(checkpoint, out, ExportOptions(seq_len=32, validate=False))
+        made.append(out)
+    return made
+
+
+def _edited(source, tmp_path, edit):
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(source, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest, copy)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+RUN = ["--prompt", "Hi", "--gen-length", "8", "--steps", "8", "--block-length", "8"]
+
+
+def test_a_swapped_weights_file_is_refused_naming_it(twin_artifacts, tmp_path):
+    import shutil
+
+    first, second = twin_artifacts
+    swapped = _edited(first, tmp_path, lambda m, d: shutil.copy2(
+        second / "model.onnx.data", d / "model.onnx.data"))
+    result = CliRunner().invoke(main, ["run", str(swapped), *RUN])
+    _one_line(result, "model.onnx.data: differs from the file this directory was written with")
+    assert CliRunner().invoke(main, ["run", str(first), *RUN]).exit_code == 0
+
+
+@pytest.mark.parametrize("field,edit,words", [
+    ("seq_len", lambda m, d: m["shapes"].update(seq_len=64),
+     "graph input input_ids is [1, 32] but manifest.json (shapes) says [1, 64]"),
+    ("batch", lambda m, d: m["shapes"].update(batch=2), "(shapes) says [2, 32]"),
+    ("topk", lambda m, d: m.update(topk=4), "output topk_ids is [8] but manifest.json (topk)"),
+    ("mask_id", lambda m, d: m["special_tokens"].update(mask_id=10**6),
+     "field special_tokens.mask_id = 1000000 must be an integer of at least 0 below"),
+    ("vocab_size", lambda m, d: m.update(vocab_size="many"), "field vocab_size = 'many'"),
+    ("family", lambda m, d: m.update(family="gpt"), "field family = 'gpt' is not one of"),
+    ("shapes", lambda m, d: m.pop("shapes"), "field shapes is missing"),
+    ("defaults", lambda m, d: m["generation_defaults"].update(speed=3),
+     "field generation_defaults is malformed"),
+])
+def test_a_hand_edited_manifest_is_refused_in_one_line(field, edit, words, twin_artifacts,
+                                                      tmp_path):
+    edited = _edited(twin_artifacts[0], tmp_path, edit)
+    _one_line(CliRunner().invoke(main, ["run", str(edited), *RUN]), words)
+
+
+def test_validate_checks_every_byte(tmp_path):
+    from dllm_export.integrity import record_files, verify_files
+
+    (tmp_path / "big.bin").write_bytes(bytes(3 << 20))
+    manifest = {"files": record_files(tmp_path)}
+    with open(tmp_path / "big.bin", "r+b") as handle:  # a byte in the middle MiB
+        handle.seek(3 << 19)
+        handle.write(b"\1")
+    verify_files(tmp_path, manifest)  # the fast check reads the first and last MiB only
+    with pytest.raises(DllmExportError, match="big.bin: differs"):
+        verify_files(tmp_path, manifest, full=True)
+    (tmp_path / "big.bin").unlink()
+    with pytest.raises(DllmExportError, match="big.bin: missing"):
+        verify_files(tmp_path, manifest)

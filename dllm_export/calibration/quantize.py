@@ -24,6 +24,7 @@ from dllm_export.calibration import methods as method_table
 from dllm_export.calibration.gate import DEFAULT_BARS, GateSettings
 from dllm_export.calibration.recipes import Recipe, select_nodes
 from dllm_export.errors import DllmExportError
+from dllm_export.integrity import record_files
 from dllm_export.jsonio import atomic_directory, check_output, write_json
 
 WORK = ".work"  # scratch folder inside the partial output, removed before it is renamed
@@ -435,6 +436,7 @@ def quantize_artifact(
                 tmp, manifest, artifact_dir, options, bars, str(out_dir), report
             )
         manifest["valid"] = not options.gate or manifest["quality_gate"]["passed"]
+        manifest["files"] = record_files(tmp)
         write_json(tmp / "manifest.json", manifest)
     if not manifest["valid"]:
         failed = [c for c in manifest["quality_gate"]["checks"] if not c["passed"]]

@@ -30,6 +30,7 @@ from pathlib import Path
 from dllm_export.device_profiles import DeviceProfile
 from dllm_export.errors import DllmExportError
 from dllm_export.export.plan import plan_model
+from dllm_export.integrity import record_files
 from dllm_export.jsonio import atomic_directory, check_output, write_json
 from dllm_export.precision import format_capability
 from dllm_export.runtime.artifact import read_manifest
@@ -273,6 +274,7 @@ def _build_tensorrt(artifact_dir, manifest, plan, out_dir, options, notes, repor
         for name, blob in cached.items():
             (tmp / f"{name}.engine").write_bytes(blob)
         copy_tokenizer(artifact_dir, tmp)
+        result["files"] = record_files(tmp)
         write_json(tmp / "manifest.json", result)
     return result
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from dllm_export import contract, families
 from dllm_export.errors import DllmExportError
+from dllm_export.integrity import record_files
 from dllm_export.jsonio import atomic_directory, check_output, write_json
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -349,6 +350,7 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
         else:
             manifest["valid"] = True
             manifest["validation"] = {"passed": None, "skipped": True}
+        manifest["files"] = record_files(tmp)
         write_json(tmp / "manifest.json", manifest)
     if not manifest["valid"]:
         worst = min(manifest["validation"]["results"], key=lambda r: r["top1_agreement"])
@@ -363,6 +365,7 @@ def validate_artifact(artifact_dir, model_dir=None, report=None) -> dict:
     """Rerun the validation of an artifact against its source checkpoint (or ``model_dir``)
     and record the result in its manifest."""
     from dllm_export.export.validate import run_validation
+    from dllm_export.integrity import verify_files
     from dllm_export.jsonio import read_json
     from dllm_export.models import load_model
     from dllm_export.runtime.backends.onnxruntime import OrtBackend
@@ -371,6 +374,8 @@ def validate_artifact(artifact_dir, model_dir=None, report=None) -> dict:
     report = report or (lambda stage, detail="": None)
     artifact_dir = Path(artifact_dir)
     manifest = read_json(artifact_dir / "manifest.json", "the artifact manifest")
+    report("verify", "every file against its recorded sha256")
+    verify_files(artifact_dir, manifest, full=True)
     source = Path(model_dir or manifest["source"]["checkpoint"])
     if not source.is_dir():
         raise DllmExportError(

@@ -98,7 +98,11 @@ class Generator:
 
         backend, manifest = open_backend(Path(artifact_dir), provider=provider, threads=threads)
         special = _special(manifest["special_tokens"])
-        defaults = SamplerConfig(**manifest["generation_defaults"])
+        try:
+            defaults = SamplerConfig(**manifest["generation_defaults"])
+        except TypeError as err:
+            raise DllmExportError(f"{Path(artifact_dir) / 'manifest.json'}: field "
+                                  f"generation_defaults is malformed ({err})") from None
         return cls(backend, TextTokenizer(artifact_dir), special, defaults, manifest["family"])
 
     def config(self, **overrides) -> SamplerConfig:

@@ -25,6 +25,12 @@ def read_manifest(directory: Path) -> dict:
         raise DllmExportError(
             f"{path}: not marked valid (\"valid\": true); the stage that wrote it failed its "
             "checks or did not finish: run it again")
+    from dllm_export.contract import check_version
+    from dllm_export.integrity import check_manifest, verify_files
+
+    check_version(manifest, str(path))
+    check_manifest(manifest, str(path))
+    verify_files(Path(directory), manifest)
     return manifest
 
 

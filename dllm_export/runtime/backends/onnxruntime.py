@@ -87,6 +87,7 @@ class OrtBackend(Backend):
         self.topk = manifest.get("topk", 8)
         self.special_ids = tuple(manifest.get("special_ids", ()))
         self.input_names = {i.name for i in self.session.get_inputs()}
+        self._check_graph(graph)
         self.graphs = contract.graph_specs(manifest, str(directory / "manifest.json"))
         self.has_cached_graphs = bool(self.graphs)
         self.sessions, self.bound = {}, {}
@@ -95,6 +96,25 @@ class OrtBackend(Backend):
         # on_feeds(graph name, feeds) sees every cached call's inputs, past included
         # (calibration records the states each cached graph meets); None: no copies made.
         self.on_feeds = None
+
+    def _check_graph(self, graph: Path) -> None:
+        """The manifest's shapes against the graph's own (a hand-edited manifest is refused
+        here, not by ONNX Runtime mid-generation)."""
+        inputs = {i.name: list(i.shape) for i in self.session.get_inputs()}
+        outputs = {o.name: list(o.shape) for o in self.session.get_outputs()}
+        wanted = [self.batch_size, self.seq_len]
+        checks = [("input input_ids", inputs.get("input_ids"), wanted, "shapes")]
+        if "topk_ids" in outputs:
+            checks.append(("output topk_ids", outputs["topk_ids"][-1:], [self.topk], "topk"))
+        if "special_logprobs" in outputs:
+            checks.append(("output special_logprobs", outputs["special_logprobs"][-1:],
+                           [len(self.special_ids)], "special_ids"))
+        for what, found, expected, field in checks:
+            if found != expected:
+                raise DllmExportError(
+                    f"{graph}: graph {what} is {found} but manifest.json ({field}) says "
+                    f"{expected}; the manifest was edited or belongs to another graph: "
+                    "re-export the artifact")
 
     def _open(self, graph: Path):
         import onnxruntime as ort
