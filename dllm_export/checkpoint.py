@@ -162,6 +162,12 @@ def resolve_special_tokens(
             f"{directory / 'tokenizer.json'}: no mask token (looked for mask_token_id in "
             f"config.json and for {', '.join(MASK_TOKEN_NAMES)}); a diffusion model needs one"
         )
+    size = tokenizer.vocab_size
+    if not 0 <= mask_id < size or tokenizer.id_to_token(mask_id) is None:
+        raise DllmExportError(
+            f"{directory / 'tokenizer.json'}: has no token for the mask id {mask_id} "
+            f"(vocabulary of {size}); a diffusion model needs its mask token: use the "
+            "model's own tokenizer files")
     eos_id = _first_int(generation_config.get("eos_token_id"), config.get("eos_token_id"))
     if eos_id is None:
         eos_id = named(tokenizer.eos_token)

@@ -7,3 +7,12 @@ fix; ``cli.py`` prints it as one line and exits non-zero. Any other exception is
 
 class DllmExportError(Exception):
     """A problem with the user's input or environment, stated as one actionable line."""
+
+
+def check_at_least(flag: str, value, low: int = 1):
+    """``value`` (None passes) must be an integer >= ``low``; one line naming ``flag``."""
+    if value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise DllmExportError(f"{flag} {value!r}: must be an integer >= {low}")
+    return value

@@ -36,6 +36,7 @@ class Family:
     shift_logits: bool = False  # row p of the output predicts position p + 1 (Dream)
     attention: str = "bidirectional"
     cache_modes: tuple = CACHE_MODES
+    ints: tuple = ()  # config keys that must be integers (checked before ``shape`` reads)
     notes: dict = field(default_factory=dict)
 
     @property
@@ -133,14 +134,22 @@ REGISTRY: dict[str, Family] = {
     for family in (
         # LLaDA-MoE also says model_type 'llada': its MoE keys tell it apart, so it goes first.
         Family("llada-moe", "llada_moe", _is_llada_moe, _llada_moe_shape,
-               dict(algorithm="llada", gen_length=128, steps=128, block_length=32)),
+               dict(algorithm="llada", gen_length=128, steps=128, block_length=32),
+               ints=("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "num_experts", "num_experts_per_tok",
+                     "expert_intermediate_size", "dense_intermediate_size",
+                     "shared_expert_intermediate_size")),
         Family("llada", "llada",
                lambda c: c.get("model_type") == "llada" and "d_model" in c, _llada_shape,
-               dict(algorithm="llada", gen_length=128, steps=128, block_length=32)),
+               dict(algorithm="llada", gen_length=128, steps=128, block_length=32),
+               ints=("d_model", "n_heads", "n_kv_heads", "n_layers", "vocab_size",
+                     "embedding_size", "mlp_hidden_size", "mlp_ratio")),
         Family("dream", "dream",
                lambda c: isinstance(c.get("model_type"), str) and c["model_type"].lower() == "dream",
                _dream_shape, dict(algorithm="dream", gen_length=128, steps=128, alg="entropy"),
-               positions="real_count", shift_logits=True),
+               positions="real_count", shift_logits=True,
+               ints=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads")),
     )
 }
 NAMES = tuple(REGISTRY)
@@ -151,6 +160,15 @@ def family(name: str) -> Family:
     if name not in REGISTRY:
         raise DllmExportError(f"unknown family {name!r}; choose one of {', '.join(NAMES)}")
     return REGISTRY[name]
+
+
+def check_ints(entry: Family, config: dict, config_path) -> None:
+    """One line for a config value that should be an integer (``"d_model": "64"``)."""
+    for key in entry.ints:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise DllmExportError(
+                f"{config_path}: field '{key}' = {value!r} must be an integer")
 
 
 def detect_family(config: dict, config_path: Path | str = "config.json") -> str:

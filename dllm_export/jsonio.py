@@ -99,7 +99,7 @@ def check_output(out_dir: Path, inputs=(), overwrite: bool = False) -> None:
         raise DllmExportError(
             f"{out_dir}: exists and is not a directory; --overwrite replaces only directories "
             "dllm-export wrote: remove it yourself or choose another path")
-    if not is_ours(out):
+    if not is_ours(out) and any(out.iterdir()):  # an empty directory holds nothing to lose
         raise DllmExportError(
             f"{out_dir}: exists and was not written by dllm-export (no {MARKER} marker or "
             "manifest); --overwrite never deletes other directories: choose another path")

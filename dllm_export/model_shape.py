@@ -77,4 +77,6 @@ def model_shape(config: dict, family: str | None = None,
     from dllm_export import families
 
     name = family or families.detect_family(config, config_path)
-    return families.family(name).shape(config, config_path)
+    entry = families.family(name)
+    families.check_ints(entry, config, config_path)
+    return entry.shape(config, config_path)

@@ -218,6 +218,9 @@ def test_tensorrt_engine_without_tensorrt_is_one_line(tiny_dir, tmp_path):
             },
             "generation_defaults": SAMPLER,
             "special_tokens": {"mask_id": 3, "eos_id": 1},
+            "vocab_size": 300,
+            "topk": 8,
+            "special_ids": [1],
         },
     )
     result = CliRunner().invoke(

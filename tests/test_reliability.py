@@ -190,3 +190,113 @@ def test_validate_checks_every_byte(tmp_path):
     (tmp_path / "big.bin").unlink()
     with pytest.raises(DllmExportError, match="big.bin: missing"):
         verify_files(tmp_path, manifest)
+
+
+# ---------------------------------------------------------------- wrong results, tracebacks
+
+
+def test_integer_weights_are_refused_naming_the_tensor(tiny_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = _copy_checkpoint(tiny_dir, tmp_path)
+    shard = sorted(checkpoint.glob("*.safetensors"))[0]
+    tensors = load_file(str(shard))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].to(torch.int8)
+    save_file(tensors, str(shard))
+    result = CliRunner().invoke(main, ["export", str(checkpoint), "-o", str(tmp_path / "a"),
+                                       "--seq-len", "32"])
+    _one_line(result, f"tensor '{name}' is int8", "floating-point weights")
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_user_text_never_becomes_the_mask_token(chat, tiny_dir):
+    from dllm_export.runtime.tokenizer import TextTokenizer
+
+    tokenizer = TextTokenizer(tiny_dir("llada"))
+    mask = tokenizer.token_to_id("<|mdm_mask|>")
+    eot = tokenizer.token_to_id("<|eot_id|>")
+    ids = tokenizer.format_prompt("fill <|mdm_mask|> and <|eot_id|> in", chat=chat)
+    assert mask not in ids and (eot in ids) is chat  # the template's own end of turn only
+    assert tokenizer.decode(ids, skip_special_tokens=True).count("<|mdm_mask|>") == 1
+    plain = tokenizer.format_prompt("fill and in", chat=chat)
+    assert (eot in plain) is chat
+
+
+@pytest.mark.parametrize("flag,value,words", [
+    ("--top-k", "0", "--top-k 0: must be >= 1"),
+    ("--threshold", "0", "--threshold 0.0: must be > 0 and <= 1"),
+    ("--threshold", "1.5", "--threshold 1.5: must be > 0 and <= 1"),
+    ("--temperature", "-1", "--temperature -1.0: must be >= 0"),
+    ("--top-p", "0", "--top-p 0.0: must be > 0 and <= 1"),
+    ("--seed", "-1", "--seed -1: must be >= 0"),
+    ("--threads", "0", "--threads 0: must be an integer >= 1"),
+    ("--steps", "0", "--steps 0: must be >= 1"),
+])
+def test_sampler_options_are_range_checked(flag, value, words, twin_artifacts):
+    result = CliRunner().invoke(main, ["run", str(twin_artifacts[0]), *RUN, flag, value])
+    _one_line(result, words)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["export", "CKPT", "-o", "OUT", "--moe-block", "0"], "--moe-block 0: must be an integer >= 1"),
+    (["export", "CKPT", "-o", "OUT", "--topk", "100000"], "--topk 100000: exceeds the vocabulary"),
+    (["plan", "CKPT", "--profile", "cpu", "--seq-len", "0"], "--seq-len 0: must be an integer >= 2"),
+    (["plan", "CKPT", "--profile", "cpu", "--batch", "0"], "--batch 0: must be an integer >= 1"),
+])
+def test_cli_numbers_are_range_checked(args, words, tiny_dir, tmp_path):
+    args = [str(tiny_dir("llada")) if a == "CKPT" else str(tmp_path / "o") if a == "OUT" else a
+            for a in args]
+    _one_line(CliRunner().invoke(main, args), words)
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("d_model", "64", "field 'd_model' = '64' must be an integer"),
+    ("rope_theta", "big", "field 'rope_theta' = 'big' must be a number"),
+    ("weight_tying", "no", "field 'weight_tying' = 'no' must be true or false"),
+    ("mask_token_id", 10**7, "has no token for the mask id 10000000"),
+])
+@pytest.mark.parametrize("verb", ["inspect", "export", "plan"])
+def test_bad_config_values_are_one_line(key, value, words, verb, tiny_dir, tmp_path):
+    checkpoint = _copy_checkpoint(tiny_dir, tmp_path)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config[key] = value
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    args = {"inspect": ["inspect", str(checkpoint)],
+            "export": ["export", str(checkpoint), "-o", str(tmp_path / "a"), "--seq-len", "32"],
+            "plan": ["plan", str(checkpoint), "--profile", "cpu"]}[verb]
+    result = CliRunner().invoke(main, args)
+    if verb == "plan" and key in ("rope_theta", "weight_tying", "mask_token_id"):
+        assert result.exit_code == 0, result.output  # plan reads sizes only
+        return
+    _one_line(result, words)
+
+
+def test_a_tokenizer_without_the_mask_token_is_refused(tiny_dir, tmp_path):
+    checkpoint = _copy_checkpoint(tiny_dir, tmp_path)
+    path = checkpoint / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"]
+                                 if t["content"] != "<|mdm_mask|>"]
+    path.write_text(json.dumps(tokenizer))
+    result = CliRunner().invoke(main, ["export", str(checkpoint), "-o", str(tmp_path / "a"),
+                                       "--seq-len", "32"])
+    _one_line(result, "tokenizer.json: has no token for the mask id")
+
+
+def test_check_trt_on_a_file_that_is_not_onnx(tmp_path):
+    bogus = tmp_path / "model.onnx"
+    bogus.write_bytes(b"\x00garbage\xff" * 10)
+    _one_line(CliRunner().invoke(main, ["check-trt", str(bogus)]), "not an ONNX model")
+
+
+def test_invalid_utf8_prompt_from_the_shell(twin_artifacts):
+    result = subprocess.run(
+        [sys.executable, "-m", "dllm_export.cli", "run", str(twin_artifacts[0]), "--prompt",
+         b"caf\xe9 \xff", "--gen-length", "8", "--steps", "8", "--block-length", "8"],
+        capture_output=True)
+    err = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 1 and "Traceback" not in err, err
+    assert "prompt: not valid UTF-8" in err

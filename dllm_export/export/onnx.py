@@ -26,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 
 from dllm_export import contract, families
-from dllm_export.errors import DllmExportError
+from dllm_export.errors import DllmExportError, check_at_least
 from dllm_export.integrity import record_files
 from dllm_export.jsonio import atomic_directory, check_output, write_json
 
@@ -66,8 +66,10 @@ class ExportOptions:
             raise DllmExportError(
                 f"--moe {self.moe!r}: choose one of {', '.join(EXPORT_STRATEGIES)} "
                 "(eager has data-dependent shapes and cannot be exported)")
-        if self.seq_len < 2 or self.batch < 1:
-            raise DllmExportError("--seq-len must be at least 2 and --batch at least 1")
+        check_at_least("--seq-len", self.seq_len, 2)
+        check_at_least("--batch", self.batch)
+        check_at_least("--moe-block", self.moe_block)
+        check_at_least("--topk", self.topk, 2)
         if not 18 <= self.opset <= 24:
             raise DllmExportError(
                 f"--opset {self.opset}: the torch.export-based exporter writes opsets 18 to 24")
@@ -220,7 +222,8 @@ def _manifest(checkpoint, options, special, tokenizer, model, canvas, defaults, 
     moe = None
     if moe_blocks:
         first = moe_blocks[0]
-        moe = {"strategy": options.moe, "block": options.moe_block,
+        moe = {"strategy": options.moe,  # the block only where it is used
+               "block": options.moe_block if options.moe == "sparse" else None,
                "experts": len(first.experts), "top_k": first.top_k}
     special_ids = [t for t in (special.eos_id, special.eot_id) if t is not None]
     cache = None
@@ -305,6 +308,9 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
         loaded[0] += 1
         report("load", f"{loaded[0]}/{total} tensors")
 
+    if options.topk > tokenizer.vocab_size:
+        raise DllmExportError(
+            f"--topk {options.topk}: exceeds the vocabulary of {tokenizer.vocab_size} tokens")
     model, _ = load_model(model_dir, dtype=_torch_dtype(options.dtype), progress=on_tensor)
     has_moe = bool(getattr(model, "moe_blocks", lambda: [])())
     if has_moe:

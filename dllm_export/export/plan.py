@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dllm_export.device_profiles import GIB, DeviceProfile, all_profiles
-from dllm_export.errors import DllmExportError
+from dllm_export.errors import DllmExportError, check_at_least
 from dllm_export.export.onnx import DEFAULT_MOE as DEFAULT_MOE_STRATEGY
 from dllm_export.jsonio import read_json
 from dllm_export.model_shape import ModelShape, model_shape
@@ -280,7 +280,7 @@ def _workload(source: PlanSource, profile: DeviceProfile, seq_len, batch,
         batch=source.batch or batch or profile.build.batch,
         seq_len=source.seq_len or seq_len or profile.build.seq_len,
         moe_strategy=moe.get("strategy", DEFAULT_MOE_STRATEGY),
-        moe_block=moe.get("block", DEFAULT_MOE_BLOCK),
+        moe_block=moe.get("block") or DEFAULT_MOE_BLOCK,
         outputs=manifest.get("outputs", "decode"),
         topk=manifest.get("topk", DEFAULT_TOPK),
         specials=len(manifest.get("special_ids", [0] * DEFAULT_SPECIALS)),
@@ -333,6 +333,9 @@ def plan_model(source: str | Path, profile: DeviceProfile, precision: str | None
         cache, block_length: count the cached graphs' key/value cache (an artifact exported
             with --cache always does) and size the cached step's rows.
     """
+    check_at_least("--seq-len", seq_len, 2)
+    check_at_least("--batch", batch)
+    check_at_least("--block-length", block_length)
     source = read_source(source)
     chosen_precision = resolve_precision(source.precision, precision, profile)
     work = _workload(source, profile, seq_len, batch, cache, block_length)

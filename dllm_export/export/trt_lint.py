@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from dllm_export.errors import DllmExportError
+
 OPSET_RANGE = (9, 24)
 TOPK_LIMIT = 3840
 
@@ -144,7 +146,12 @@ def _node_rules(node, graph: _Graph) -> list[str]:
 def check_trt(onnx_path: str | Path) -> list[Finding]:
     """Every node TensorRT's ONNX parser would reject or restrict, with the reason."""
     onnx_path = Path(onnx_path)
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError and friends: not an ONNX file
+        raise DllmExportError(
+            f"{onnx_path}: not an ONNX model ({type(err).__name__}); pass a .onnx file or "
+            "an artifact directory") from None
     graph = _Graph(model, onnx_path.parent)
     findings = []
     for opset in model.opset_import:

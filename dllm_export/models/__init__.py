@@ -8,11 +8,39 @@ needed so that ``import dllm_export`` stays light and torch-free.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from pathlib import Path
 
 from dllm_export import families
 from dllm_export.errors import DllmExportError
+
+KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
+         "list": (list,), "dict": (dict,)}
+WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+         "list": "a list", "dict": "an object", "None": "null"}
+
+
+def config_fields(cls, config: dict) -> dict:
+    """The config.json values a ``ModelArgs`` dataclass declares, each checked against its
+    annotation (``int``, ``float | None``, ...): a wrong type is one line naming the key."""
+    out = {}
+    for spec in dataclasses.fields(cls):
+        if spec.name not in config:
+            continue
+        value = config[spec.name]
+        names = [part.strip() for part in str(spec.type).split("|")]
+        if value is None and "None" in names:
+            out[spec.name] = value
+            continue
+        allowed = tuple(t for name in names for t in KINDS.get(name, (object,)))
+        wrong_bool = isinstance(value, bool) and "bool" not in names
+        if wrong_bool or not isinstance(value, allowed):
+            raise DllmExportError(
+                f"config.json: field '{spec.name}' = {value!r} must be "
+                f"{' or '.join(WORDS.get(name, name) for name in names)}")
+        out[spec.name] = value
+    return out
 
 
 def family_module(name: str):
@@ -92,6 +120,11 @@ def load_model(directory: str | Path, dtype=None, progress=None):
                 if name not in available:
                     raise DllmExportError(f"{path}: tensor '{name}' named in the index is absent")
                 tensor = handle.get_tensor(name)
+                if not tensor.is_floating_point():
+                    raise DllmExportError(
+                        f"{path}: tensor '{name}' is {str(tensor.dtype).replace('torch.', '')}; "
+                        f"{checkpoint.family} stores floating-point weights (a quantised "
+                        "checkpoint? export the float one and use dllm-export quantize)")
                 want = tuple(expected[name].shape)
                 if tuple(tensor.shape) != want:
                     raise DllmExportError(

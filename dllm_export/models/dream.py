@@ -14,6 +14,7 @@ from torch import nn
 
 from dllm_export.errors import DllmExportError
 from dllm_export.families import family
+from dllm_export.models import config_fields
 from dllm_export.models.layers import (
     RMSNorm,
     apply_rope,
@@ -62,11 +63,10 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, config: dict) -> "ModelArgs":
-        known = {f.name for f in fields(cls)}
         for name in [f.name for f in fields(cls)][:5]:
             if name not in config:
                 raise DllmExportError(f"config.json: Dream needs field '{name}'")
-        return cls(**{key: value for key, value in config.items() if key in known})
+        return cls(**config_fields(cls, config))
 
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads

@@ -3,13 +3,14 @@ transformer. Parameter names follow the checkpoint: ``model.transformer.blocks.{
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import nn
 
 from dllm_export.errors import DllmExportError
 from dllm_export.families import family
+from dllm_export.models import config_fields
 from dllm_export.models.layers import (
     RMSNorm,
     apply_rope,
@@ -71,11 +72,10 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, config: dict) -> "ModelArgs":
-        known = {f.name for f in fields(cls)}
         missing = [name for name in ("d_model", "n_heads", "n_layers", "vocab_size") if name not in config]
         if missing:
             raise DllmExportError(f"config.json: LLaDA needs field '{missing[0]}'")
-        return cls(**{key: value for key, value in config.items() if key in known})
+        return cls(**config_fields(cls, config))
 
     def __post_init__(self):
         required = {

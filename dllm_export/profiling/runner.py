@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dllm_export.errors import DllmExportError
+from dllm_export.errors import DllmExportError, check_at_least
 from dllm_export.export.onnx import DEFAULT_MOE
 from dllm_export.profiling.assemble import Measured, assemble
 from dllm_export.profiling.jobs import run_isolated, run_job
@@ -66,6 +66,8 @@ class ProfileOptions:
             raise DllmExportError(
                 "--runs and --rounds must be at least 1 and --warmup at least 0"
             )
+        check_at_least("--threads", self.threads)
+        check_at_least("--seq-len", self.seq_len, 2)
         if self.prompts is not None and not self.prompts:
             raise DllmExportError("--prompts: the file holds no prompts")
 

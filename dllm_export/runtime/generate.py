@@ -53,8 +53,7 @@ class SamplerConfig:
     def __post_init__(self):
         if self.algorithm not in ("llada", "dream"):
             raise DllmExportError(f"--algorithm {self.algorithm!r}: choose llada or dream")
-        if self.gen_length < 1 or self.steps < 1:
-            raise DllmExportError("--gen-length and --steps must be at least 1")
+        _check_ranges(self)
         if self.cache is not None and self.cache not in cache_modes.MODES:
             raise DllmExportError(
                 f"--cache {self.cache!r}: choose one of {', '.join(cache_modes.MODES)}")
@@ -90,6 +89,35 @@ class SamplerConfig:
     def updated(self, **overrides) -> "SamplerConfig":
         known = {f.name for f in fields(self)}
         return replace(self, **{k: v for k, v in overrides.items() if k in known and v is not None})
+
+
+# (field, low, low included, high, high included, kind): every sampler option's range.
+RANGES = (
+    ("gen_length", 1, True, None, False, int), ("steps", 1, True, None, False, int),
+    ("block_length", 1, True, None, False, int), ("threshold", 0, False, 1, True, float),
+    ("temperature", 0, True, None, False, float), ("top_p", 0, False, 1, True, float),
+    ("top_k", 1, True, None, False, int), ("cfg_scale", 0, True, None, False, float),
+    ("alg_temp", 0, True, None, False, float), ("eps", 0, False, 1, False, float),
+    ("seed", 0, True, None, False, int),
+)
+
+
+def _check_ranges(config) -> None:
+    """One line naming the option for a value of the wrong type or out of its range."""
+    for name, low, low_in, high, high_in, kind in RANGES:
+        value = getattr(config, name)
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not numeric or (kind is int and not float(value).is_integer()):
+            raise DllmExportError(f"{flag} {value!r}: must be {'an integer' if kind is int else 'a number'}")
+        too_low = value < low or (value == low and not low_in)
+        too_high = high is not None and (value > high or (value == high and not high_in))
+        if too_low or too_high:
+            lower = f"{'>=' if low_in else '>'} {low}"
+            upper = f" and {'<=' if high_in else '<'} {high}" if high is not None else ""
+            raise DllmExportError(f"{flag} {value}: must be {lower}{upper}")
 
 
 @dataclass

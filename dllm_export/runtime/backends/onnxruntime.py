@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dllm_export import contract
-from dllm_export.errors import DllmExportError
+from dllm_export.errors import DllmExportError, check_at_least
 from dllm_export.runtime.backends.base import Backend
 from dllm_export.runtime.prediction import Prediction, summarize_logits
 
@@ -67,6 +67,7 @@ class OrtBackend(Backend):
         calibration and CFG on decode-head artifacts)."""
 
         directory = Path(directory)
+        check_at_least("--threads", threads)
         graph = directory / manifest["graph"]["file"]
         self.has_logits = manifest.get("outputs") == "logits"
         if logits and not self.has_logits:
