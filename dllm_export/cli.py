@@ -251,12 +251,14 @@ def _print_export_summary(out_dir, manifest):
     if validation.get("results"):
         table = Table(title=f"validation: {validation['reference']} vs ONNX Runtime CPU "
                             f"(bars {validation['bars']})")
-        for column in ("case", "positions", "top1_agreement", "cosine_mean", "cosine_min", "max_abs_diff"):
-            table.add_column(column)
+        columns = ("case", "positions", "top1_agreement_ties", "logprob_diff", "cosine_mean",
+                   "failed")
+        for column in columns:
+            table.add_column(column.replace("_agreement_ties", " (ties)"))
         for row in validation["results"]:
-            table.add_row(*(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c])
-                            for c in ("case", "positions", "top1_agreement", "cosine_mean",
-                                      "cosine_min", "max_abs_diff")))
+            table.add_row(*(f"{row[c]:.6g}" if isinstance(row.get(c), float)
+                            else ("; ".join(row[c]) or "-") if c == "failed" else str(row[c])
+                            for c in columns))
         console.print(table)
     trt = manifest.get("trt_compatibility") or {}
     console.print(f"TensorRT compatibility: {'clean' if trt.get('clean') else 'see check-trt'}"
@@ -277,7 +279,9 @@ def validate(artifact_dir, model_dir):
         manifest = validate_artifact(artifact_dir, model_dir, report=progress)
     _print_export_summary(artifact_dir, manifest)
     if not manifest["valid"]:
-        raise DllmExportError(f"{artifact_dir}: validation failed; the artifact is marked invalid")
+        from dllm_export.export.onnx import validation_failure
+
+        raise DllmExportError(f"{artifact_dir}: {validation_failure(manifest['validation'])}")
 
 
 @main.command("check-trt")

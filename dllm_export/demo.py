@@ -41,9 +41,10 @@ def _export(model_dir, out: Path, console, progress):
     options = ExportOptions(seq_len=DEMO_SEQ_LEN, overwrite=True, cache=True,
                             block_length=DEMO_BLOCK, window=DEMO_BLOCK)
     manifest = export_model(model_dir, out, options, report=progress)
-    worst = min(manifest["validation"]["results"], key=lambda r: r["top1_agreement"])
-    console.print(f"{out}: valid={manifest['valid']}, worst case {worst['case']}: top-1 "
-                  f"agreement {worst['top1_agreement']:.4f}, cosine {worst['cosine_mean']:.7f}; "
+    worst = max(manifest["validation"]["results"], key=lambda r: r["logprob_diff"])
+    console.print(f"{out}: valid={manifest['valid']}, {len(manifest['validation']['results'])} "
+                  f"cases; largest log-probability difference {worst['logprob_diff']:.2g} "
+                  f"({worst['case']}), top-1 agreement {worst['top1_agreement']:.4f}; "
                   f"TensorRT lint clean={manifest['trt_compatibility']['clean']}")
 
 

@@ -29,7 +29,8 @@ def test_export_is_valid_and_tensorrt_clean(family, artifact):
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["valid"] is True
     for row in manifest["validation"]["results"]:
-        assert row["top1_agreement"] >= 0.999 and row["cosine_mean"] >= 0.99999, row
+        assert row["failed"] == [] and row["top1_agreement_ties"] >= 0.999, row
+        assert row["logprob_diff"] < 1e-4, row  # float32 rounding
     assert [r["case"] for r in manifest["validation"]["results"]] == [
         "mask_0.1", "mask_0.5", "mask_0.9", "left_padded", "prefill/bidirectional",
         "window/bidirectional", "prefill/block_causal", "step/block_causal",
@@ -118,13 +119,27 @@ def test_prompt_longer_than_the_artifact(artifact):
 def test_failed_validation_marks_the_artifact_invalid(tiny_dir, tmp_path, monkeypatch):
     from dllm_export.export import validate
 
-    monkeypatch.setitem(validate.BARS, "fp32", {"top1_agreement": 1.01, "cosine": 2.0})
+    monkeypatch.setitem(validate.BARS, "fp32", {"top1_agreement": 0.5,
+                                                "logprob_tolerance": 1e-12, "percentile": 100})
     out = tmp_path / "invalid"
-    with pytest.raises(DllmExportError, match=r"validation failed .* the artifact is marked invalid"):
+    with pytest.raises(DllmExportError, match=r"validation against PyTorch failed \(mask_0.5: "
+                                              r"max log-probability difference .* > 1e-12 \|"):
         export_model(tiny_dir("llada"), out, ExportOptions(seq_len=32))
     assert json.loads((out / "manifest.json").read_text())["valid"] is False
     with pytest.raises(DllmExportError, match=r"manifest.json.*not valid|marked invalid|valid"):
         Generator.from_artifact(out)
+
+
+def test_a_correct_near_uniform_export_passes(tmp_path):
+    """The reliability issue's case: make-tiny llada seed 1 at --seq-len 64 failed the old
+    mean-cosine bar (0.99859 at a 4.8e-7 difference) and blamed the wrong case; a correct
+    export must pass every check, and its differences stay at float32 rounding."""
+    from dllm_export.models.tiny import make_tiny
+
+    checkpoint = make_tiny("llada", tmp_path / "seed1", seed=1)
+    manifest = export_model(checkpoint, tmp_path / "art", ExportOptions(seq_len=64))
+    assert manifest["valid"] is True
+    assert max(r["logprob_diff"] for r in manifest["validation"]["results"]) < 1e-5
 
 
 def test_interrupted_export_leaves_no_directory(tiny_dir, tmp_path, monkeypatch):

@@ -359,12 +359,16 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
         manifest["files"] = record_files(tmp)
         write_json(tmp / "manifest.json", manifest)
     if not manifest["valid"]:
-        worst = min(manifest["validation"]["results"], key=lambda r: r["top1_agreement"])
-        raise DllmExportError(
-            f"{out_dir}: validation failed ({worst['case']}: top-1 agreement "
-            f"{worst['top1_agreement']:.4f}, cosine {worst['cosine_mean']:.6f}; bars "
-            f"{manifest['validation']['bars']}); the artifact is marked invalid")
+        raise DllmExportError(f"{out_dir}: {validation_failure(manifest['validation'])}")
     return manifest
+
+
+def validation_failure(validation: dict) -> str:
+    """One line naming every failing case and the check it missed."""
+    failed = [f"{r['case']}: {'; '.join(r['failed'])}" for r in validation["results"]
+              if r.get("failed")]
+    return (f"validation against PyTorch failed ({' | '.join(failed)}); the artifact is "
+            "marked invalid")
 
 
 def validate_artifact(artifact_dir, model_dir=None, report=None) -> dict:

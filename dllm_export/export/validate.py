@@ -4,11 +4,21 @@ Inputs are canvases like the ones decoding produces: a prompt followed by a resp
 at several ratios, plus a left-padded case. Metrics are taken on masked positions only
 (those are the predictions the sampler uses).
 
-Bars (against the PyTorch model in the export dtype):
-* fp32: top-1 agreement >= 99.9%, mean cosine >= 0.99999 (float rounding only).
-* fp16: top-1 >= 99%, cosine >= 0.999; bf16: top-1 >= 98%, cosine >= 0.995. Half-precision
-  kernels accumulate in different orders in PyTorch and ONNX Runtime, and bf16 keeps 8 bits
-  of mantissa; near-tied positions can flip without the model being wrong.
+Two checks per case, stated so that a correct export cannot fail them:
+
+* top-1 agreement up to ties: a position agrees when both sides pick the same token, or
+  when the reference scores the export's pick within the dtype's tolerance of its own best
+  (a near-uniform random model has near-ties everywhere; rounding may break them either
+  way, which is not an error);
+* the log-probability difference of the tokens both sides rank in their top K: the
+  maximum (fp32) or the 99th percentile (fp16 / bf16, whose kernels accumulate in other
+  orders) against the dtype's tolerance.
+
+Bars: fp32 agreement >= 0.999 with tolerance 1e-3 (float32 rounding of a log-softmax is
+about 1e-6); fp16 >= 0.99, 0.05; bf16 >= 0.98, 0.15 (8 bits of mantissa). The mean cosine
+of the top-K distributions is reported beside, not judged: a near-uniform model's cosine of
+aligned top-K vectors drops to 0.998 on a rounding-level difference that swaps which
+near-tied tokens make the top K. A failed validation names the case and the check.
 """
 
 from __future__ import annotations
@@ -16,9 +26,9 @@ from __future__ import annotations
 import numpy as np
 
 BARS = {
-    "fp32": {"top1_agreement": 0.999, "cosine": 0.99999},
-    "fp16": {"top1_agreement": 0.99, "cosine": 0.999},
-    "bf16": {"top1_agreement": 0.98, "cosine": 0.995},
+    "fp32": {"top1_agreement": 0.999, "logprob_tolerance": 1e-3, "percentile": 100},
+    "fp16": {"top1_agreement": 0.99, "logprob_tolerance": 0.05, "percentile": 99},
+    "bf16": {"top1_agreement": 0.98, "logprob_tolerance": 0.15, "percentile": 99},
 }
 MASK_RATIOS = (0.1, 0.5, 0.9)
 
@@ -57,22 +67,38 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return num / np.maximum(den, 1e-30)
 
 
-def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict:
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    shifted = x - x.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def compare_logits(ref: np.ndarray, got: np.ndarray, tolerance: float = 1e-3,
+                   percentile: float = 100) -> dict:
     """Rows are masked positions: [N, V] each."""
     cos = _cosine(ref.astype(np.float64), got.astype(np.float64))
+    ref_lp, got_lp = _log_softmax(ref), _log_softmax(got)
+    pick = got_lp.argmax(-1)
+    rows = np.arange(len(pick))
+    near = ref_lp.max(-1) - ref_lp[rows, pick] <= tolerance
+    diff = np.abs(ref_lp - got_lp)
     return {
         "max_abs_diff": float(np.abs(ref - got).max()),
+        "logprob_diff": float(np.percentile(diff.max(-1), percentile)),
         "cosine_mean": float(cos.mean()),
         "cosine_min": float(cos.min()),
-        "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean()),
+        "top1_agreement": float((ref.argmax(-1) == pick).mean()),
+        "top1_agreement_ties": float(near.mean()),
     }
 
 
-def compare_decode(ref: tuple, got: tuple) -> dict:
+def compare_decode(ref: tuple, got: tuple, tolerance: float = 1e-3,
+                   percentile: float = 100) -> dict:
     """Decode-head outputs at masked positions: ids [N, K], logprobs [N, K], entropy [N].
 
     The cosine is between the two top-K probability vectors aligned by token id (a token
-    missing from one side counts as probability 0 there).
+    missing from one side counts as probability 0 there). ``logprob_diff`` compares the
+    tokens both sides rank in their top K (the ``percentile`` of the per-position maximum).
     """
     ref_ids, ref_lp, ref_ent = ref
     got_ids, got_lp, got_ent = got
@@ -84,23 +110,46 @@ def compare_decode(ref: tuple, got: tuple) -> dict:
 
     cos = _cosine(probs_on(ref_ids, ref_lp), probs_on(got_ids, got_lp))
     same = ref_ids[:, 0] == got_ids[:, 0]
+    shared = ref_ids[:, :, None] == got_ids[:, None, :]  # [N, K, K]
+    gap = np.abs(ref_lp[:, :, None].astype(np.float64) - got_lp[:, None, :])
+    per_row = np.where(shared, gap, 0.0).max(axis=(1, 2))
+    # the reference's log-probability of the export's pick (when in its top K)
+    pick = got_ids[:, :1] == ref_ids  # [N, K]
+    picked = np.where(pick, ref_lp, -np.inf).max(-1)
+    near = ref_lp[:, 0] - picked <= tolerance
     return {
         "max_abs_diff": float(np.abs(ref_lp[same, 0] - got_lp[same, 0]).max()) if same.any() else float("inf"),
+        "logprob_diff": float(np.percentile(per_row, percentile)) if len(per_row) else 0.0,
         "max_entropy_diff": float(np.abs(ref_ent - got_ent).max()),
         "cosine_mean": float(cos.mean()),
         "cosine_min": float(cos.min()),
         "top1_agreement": float(same.mean()),
+        "top1_agreement_ties": float(near.mean()),
     }
 
 
-def _compare_rows(ref, got, rows) -> dict:
+def failed_checks(result: dict, bars: dict) -> list[str]:
+    """The checks a case misses, each with its value and bar."""
+    failed = []
+    if result["top1_agreement_ties"] < bars["top1_agreement"]:
+        failed.append(f"top-1 agreement (up to ties) {result['top1_agreement_ties']:.4f} < "
+                      f"{bars['top1_agreement']}")
+    if result["logprob_diff"] > bars["logprob_tolerance"]:
+        which = "max" if bars["percentile"] == 100 else f"p{bars['percentile']}"
+        failed.append(f"{which} log-probability difference {result['logprob_diff']:.3g} > "
+                      f"{bars['logprob_tolerance']}")
+    return failed
+
+
+def _compare_rows(ref, got, rows, bars) -> dict:
     metrics = compare_decode(
         (ref.topk_ids[rows], ref.topk_logprobs[rows], ref.neg_entropy[rows]),
-        (got.topk_ids[rows], got.topk_logprobs[rows], got.neg_entropy[rows]))
+        (got.topk_ids[rows], got.topk_logprobs[rows], got.neg_entropy[rows]),
+        bars["logprob_tolerance"], bars["percentile"])
     return {**metrics, "positions": int(rows.sum())}
 
 
-def cached_cases(reference, backend, manifest: dict):
+def cached_cases(reference, backend, manifest: dict, bars: dict):
     """(name, metrics) of the cached graphs, each call made on both backends with the same
     inputs: a prefill under each rule, then a block step over the cache, a commit that
     writes the block, the next block's step (which reads what was written), a prefix
@@ -132,13 +181,13 @@ def cached_cases(reference, backend, manifest: dict):
         mask = cached_mask(rule, queries, valid, real, blocks)
         ref, got = both("cached_step", np.take_along_axis(ids, safe, 1),
                         np.take_along_axis(positions, safe, 1), mask, write)
-        return _compare_rows(ref, got, queries >= 0)
+        return _compare_rows(ref, got, queries >= 0, bars)
 
     for rule in ("bidirectional", "block_causal", "causal"):
         for side in (reference, backend):
             side.reset_cache(batch, length)
         ref, got = both("prefill", ids, positions, canvas_mask(rule, real, blocks))
-        yield f"prefill/{rule}", _compare_rows(ref, got, real)
+        yield f"prefill/{rule}", _compare_rows(ref, got, real, bars)
         valid = np.zeros((batch, length), dtype=bool)
         if rule == "block_causal":
             valid[:, :start] = True
@@ -168,22 +217,21 @@ def run_validation(reference, backend, manifest: dict, progress=None) -> dict:
     for name, ids, attention, masked in validation_canvases(manifest):
         if manifest["outputs"] == "logits":
             metrics = compare_logits(reference.logits(ids, attention)[masked],
-                                     backend.logits(ids, attention)[masked])
+                                     backend.logits(ids, attention)[masked],
+                                     bars["logprob_tolerance"], bars["percentile"])
         else:
             ref, got = reference.predict(ids, attention), backend.predict(ids, attention)
-            metrics = compare_decode(
-                (ref.topk_ids[masked], ref.topk_logprobs[masked], ref.neg_entropy[masked]),
-                (got.topk_ids[masked], got.topk_logprobs[masked], got.neg_entropy[masked]))
+            metrics = _compare_rows(ref, got, masked, bars)
         metrics["positions"] = int(masked.sum())
         results.append({"case": name, **metrics})
         if progress:
             progress(name, metrics)
     if manifest.get("cache"):
-        for name, metrics in cached_cases(reference, backend, manifest):
+        for name, metrics in cached_cases(reference, backend, manifest, bars):
             results.append({"case": name, **metrics})
             if progress:
                 progress(name, metrics)
-    passed = all(r["top1_agreement"] >= bars["top1_agreement"] and r["cosine_mean"] >= bars["cosine"]
-                 for r in results)
-    return {"passed": passed, "reference": f"PyTorch ({dtype}) on CPU", "bars": bars,
-            "results": results}
+    for result in results:
+        result["failed"] = failed_checks(result, bars)
+    return {"passed": not any(r["failed"] for r in results),
+            "reference": f"PyTorch ({dtype}) on CPU", "bars": bars, "results": results}
