@@ -14,8 +14,9 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dllm_export import families
 from dllm_export.errors import DllmExportError
-from dllm_export.families import detect_family
+from dllm_export.families import check_config, detect_family
 from dllm_export.jsonio import read_json
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -120,6 +121,7 @@ def open_checkpoint(directory: str | Path) -> Checkpoint:
     config_path = directory / "config.json"
     config = read_json(config_path, "the model configuration")
     family = detect_family(config, config_path)
+    check_config(families.family(family), config, config_path)
     gen_path = directory / "generation_config.json"
     generation_config = read_json(gen_path) if gen_path.is_file() else {}
     return Checkpoint(

@@ -9,10 +9,10 @@ class DllmExportError(Exception):
     """A problem with the user's input or environment, stated as one actionable line."""
 
 
-def check_at_least(flag: str, value, low: int = 1):
-    """``value`` (None passes) must be an integer >= ``low``; one line naming ``flag``."""
+def check_at_least(flag: str, value, low: int = 1, high: int = 1 << 20):
+    """``value`` (None passes) must be an integer in [low, high]; one line naming ``flag``."""
     if value is None:
         return value
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise DllmExportError(f"{flag} {value!r}: must be an integer >= {low}")
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise DllmExportError(f"{flag} {value!r}: must be an integer from {low} to {high}")
     return value

@@ -36,7 +36,9 @@ class Family:
     shift_logits: bool = False  # row p of the output predicts position p + 1 (Dream)
     attention: str = "bidirectional"
     cache_modes: tuple = CACHE_MODES
-    ints: tuple = ()  # config keys that must be integers (checked before ``shape`` reads)
+    # the config keys the readers use: key -> (type, least value for ints), checked before
+    # anything reads the config (``"d_model": "64"`` or ``"n_heads": 0`` is one line)
+    schema: dict = field(default_factory=dict)
     notes: dict = field(default_factory=dict)
 
     @property
@@ -135,21 +137,29 @@ REGISTRY: dict[str, Family] = {
         # LLaDA-MoE also says model_type 'llada': its MoE keys tell it apart, so it goes first.
         Family("llada-moe", "llada_moe", _is_llada_moe, _llada_moe_shape,
                dict(algorithm="llada", gen_length=128, steps=128, block_length=32),
-               ints=("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "num_experts", "num_experts_per_tok",
-                     "expert_intermediate_size", "dense_intermediate_size",
-                     "shared_expert_intermediate_size")),
+               schema={**dict.fromkeys(("vocab_size", "hidden_size", "num_hidden_layers",
+                                        "num_attention_heads", "num_key_value_heads",
+                                        "num_experts", "num_experts_per_tok",
+                                        "expert_intermediate_size"), (int, 1)),
+                       "dense_intermediate_size": (int, 0),
+                       "shared_expert_intermediate_size": (int, -1),
+                       "moe_layer_freq": (list,), "qk_layernorm": (bool,),
+                       "tie_word_embeddings": (bool,)}),
         Family("llada", "llada",
                lambda c: c.get("model_type") == "llada" and "d_model" in c, _llada_shape,
                dict(algorithm="llada", gen_length=128, steps=128, block_length=32),
-               ints=("d_model", "n_heads", "n_kv_heads", "n_layers", "vocab_size",
-                     "embedding_size", "mlp_hidden_size", "mlp_ratio")),
+               schema={**dict.fromkeys(("d_model", "n_heads", "n_kv_heads", "n_layers",
+                                        "vocab_size", "embedding_size", "mlp_hidden_size",
+                                        "mlp_ratio"), (int, 1)),
+                       "weight_tying": (bool,), "multi_query_attention": (bool,)}),
         Family("dream", "dream",
                lambda c: isinstance(c.get("model_type"), str) and c["model_type"].lower() == "dream",
                _dream_shape, dict(algorithm="dream", gen_length=128, steps=128, alg="entropy"),
                positions="real_count", shift_logits=True,
-               ints=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads")),
+               schema={**dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size",
+                                        "num_hidden_layers", "num_attention_heads",
+                                        "num_key_value_heads"), (int, 1)),
+                       "tie_word_embeddings": (bool,)}),
     )
 }
 NAMES = tuple(REGISTRY)
@@ -162,13 +172,31 @@ def family(name: str) -> Family:
     return REGISTRY[name]
 
 
-def check_ints(entry: Family, config: dict, config_path) -> None:
-    """One line for a config value that should be an integer (``"d_model": "64"``)."""
-    for key in entry.ints:
+POSITIVE_FLOATS = {"rms_norm_eps": 0.0, "rope_theta": 0.0}  # at least / above
+
+
+def check_config(entry: Family, config: dict, config_path) -> None:
+    """One line for a size that is not an integer or below its least value, and for a
+    negative norm epsilon or a non-positive RoPE base."""
+    words = {int: "an integer", bool: "true or false", list: "a list"}
+    for key, (kind, *least) in entry.schema.items():
         value = config.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        if value is None:
+            continue
+        wrong = isinstance(value, bool) and kind is not bool
+        if wrong or not isinstance(value, kind):
             raise DllmExportError(
-                f"{config_path}: field '{key}' = {value!r} must be an integer")
+                f"{config_path}: field '{key}' = {value!r} must be {words[kind]}")
+        if least and value < least[0]:
+            raise DllmExportError(
+                f"{config_path}: field '{key}' = {value} must be at least {least[0]}")
+        if kind is list and not all(isinstance(v, int) and v in (0, 1) for v in value):
+            raise DllmExportError(f"{config_path}: field '{key}' must list 0 or 1 per layer")
+    for key, floor in POSITIVE_FLOATS.items():
+        value = config.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                value < floor or (key == "rope_theta" and value <= floor) or value != value):
+            raise DllmExportError(f"{config_path}: field '{key}' = {value} is out of range")
 
 
 def detect_family(config: dict, config_path: Path | str = "config.json") -> str:

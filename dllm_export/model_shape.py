@@ -78,5 +78,5 @@ def model_shape(config: dict, family: str | None = None,
 
     name = family or families.detect_family(config, config_path)
     entry = families.family(name)
-    families.check_ints(entry, config, config_path)
+    families.check_config(entry, config, config_path)
     return entry.shape(config, config_path)

@@ -66,7 +66,7 @@ class ProfileOptions:
             raise DllmExportError(
                 "--runs and --rounds must be at least 1 and --warmup at least 0"
             )
-        check_at_least("--threads", self.threads)
+        check_at_least("--threads", self.threads, 1, 1024)
         check_at_least("--seq-len", self.seq_len, 2)
         if self.prompts is not None and not self.prompts:
             raise DllmExportError("--prompts: the file holds no prompts")

@@ -92,13 +92,16 @@ class SamplerConfig:
 
 
 # (field, low, low included, high, high included, kind): every sampler option's range.
+# Lengths stop at a million tokens: a bigger number is a typo that would allocate the
+# canvas or the schedule whole (the fuzz test found --steps 2**40 exhausting memory).
+MAX_TOKENS = 1 << 20
 RANGES = (
-    ("gen_length", 1, True, None, False, int), ("steps", 1, True, None, False, int),
-    ("block_length", 1, True, None, False, int), ("threshold", 0, False, 1, True, float),
+    ("gen_length", 1, True, MAX_TOKENS, True, int), ("steps", 1, True, MAX_TOKENS, True, int),
+    ("block_length", 1, True, MAX_TOKENS, True, int), ("threshold", 0, False, 1, True, float),
     ("temperature", 0, True, None, False, float), ("top_p", 0, False, 1, True, float),
     ("top_k", 1, True, None, False, int), ("cfg_scale", 0, True, None, False, float),
     ("alg_temp", 0, True, None, False, float), ("eps", 0, False, 1, False, float),
-    ("seed", 0, True, None, False, int),
+    ("seed", 0, True, 2**63 - 1, True, int),
 )
 
 
@@ -110,7 +113,7 @@ def _check_ranges(config) -> None:
             continue
         flag = "--" + name.replace("_", "-")
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not numeric or (kind is int and not float(value).is_integer()):
+        if not numeric or value != value or (kind is int and not float(value).is_integer()):
             raise DllmExportError(f"{flag} {value!r}: must be {'an integer' if kind is int else 'a number'}")
         too_low = value < low or (value == low and not low_in)
         too_high = high is not None and (value > high or (value == high and not high_in))

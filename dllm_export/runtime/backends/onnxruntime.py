@@ -67,7 +67,7 @@ class OrtBackend(Backend):
         calibration and CFG on decode-head artifacts)."""
 
         directory = Path(directory)
-        check_at_least("--threads", threads)
+        check_at_least("--threads", threads, 1, 1024)
         graph = directory / manifest["graph"]["file"]
         self.has_logits = manifest.get("outputs") == "logits"
         if logits and not self.has_logits:
