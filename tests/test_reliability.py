@@ -301,3 +301,28 @@ def test_invalid_utf8_prompt_from_the_shell(twin_artifacts):
     err = result.stderr.decode("utf-8", "replace")
     assert result.returncode == 1 and "Traceback" not in err, err
     assert "prompt: not valid UTF-8" in err
+
+
+def test_two_generators_in_two_threads_match_sequential_runs(artifact):
+    import threading
+
+    from dllm_export.runtime import Generator
+
+    prompts = ["one two", "three four five", "six", "seven eight nine ten"]
+    options = dict(gen_length=16, steps=16, block_length=8)
+    for cache in ("none", "dual"):
+        sequential = [Generator.from_artifact(artifact("llada")).generate(
+            p, cache=cache, **options).tokens for p in prompts]
+        generators = [Generator.from_artifact(artifact("llada")) for _ in range(2)]
+        results = [[None] * len(prompts) for _ in generators]
+
+        def work(slot, generator, cache=cache, results=results):
+            for index, prompt in enumerate(prompts):
+                results[slot][index] = generator.generate(prompt, cache=cache, **options).tokens
+
+        workers = [threading.Thread(target=work, args=(i, g)) for i, g in enumerate(generators)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert results == [sequential, sequential], cache
