@@ -326,3 +326,20 @@ def test_two_generators_in_two_threads_match_sequential_runs(artifact):
         for worker in workers:
             worker.join()
         assert results == [sequential, sequential], cache
+
+
+@pytest.mark.parametrize("line,words", [
+    ('{"messages": ["hi"]}', "line 1: every message needs a text 'role' and 'content'"),
+    ('{"messages": [{"role": "user", "content": 3}]}', "every message needs a text"),
+    ("[1, 2]", "line 1 must be a JSON object"),
+    ('{"prompt": 3}', "line 1 has none of the keys messages, prompt or text"),
+    ("{not json", "line 1 is not JSON"),
+])
+def test_bad_calibration_lines_are_one_line(line, words, tmp_path):
+    from dllm_export.calibration.sources import open_source
+
+    path = tmp_path / "calib.jsonl"
+    path.write_text(line + "\n")
+    _, items = open_source(path, "generic")
+    with pytest.raises(DllmExportError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        list(items)

@@ -71,6 +71,10 @@ def jsonl_file(path: Path) -> Iterator[CalibrationText]:
             raise DllmExportError(f"{path}: line {number} must be a JSON object")
         if isinstance(item.get("messages"), list):
             messages = item["messages"]
+            if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                       and isinstance(m.get("content"), str) for m in messages):
+                raise DllmExportError(
+                    f"{path}: line {number}: every message needs a text 'role' and 'content'")
             response = None
             if messages and messages[-1].get("role") == "assistant":
                 response, messages = messages[-1].get("content"), messages[:-1]
