@@ -139,6 +139,7 @@ class OrtBackend(Backend):
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64)}
         if "attention_mask" in self.input_names:
             feeds["attention_mask"] = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        self.bytes_moved["inputs"] += sum(a.nbytes for a in feeds.values())
         return feeds
 
     def _run_predict(self, input_ids, attention_mask) -> Prediction:
@@ -147,6 +148,7 @@ class OrtBackend(Backend):
             return summarize_logits(logits, self.topk, self.special_ids)
         ids, logprobs, entropy, special = self.session.run(
             list(contract.DECODE_OUTPUTS), self._feeds(input_ids, attention_mask))
+        self.bytes_moved["outputs"] += ids.nbytes + logprobs.nbytes + entropy.nbytes + special.nbytes
         return Prediction(ids, logprobs, entropy, special, self.special_ids)
 
     def _run_logits(self, input_ids, attention_mask):
