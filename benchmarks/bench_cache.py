@@ -33,9 +33,10 @@ from benchmarks._common import emit
 SIZES = {
     "llada": {"d_model": 768, "n_heads": 12, "n_kv_heads": 12, "n_layers": 12,
               "mlp_hidden_size": 2048, "vocab_size": 16384, "embedding_size": 16384},
+    # 8 layers of 8 experts (width 768, top-2): 101 M parameters, 31 M active per token
     "llada-moe": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
-                  "num_key_value_heads": 8, "num_experts": 16, "num_experts_per_tok": 2,
-                  "expert_intermediate_size": 1024, "dense_intermediate_size": 2048,
+                  "num_key_value_heads": 8, "num_experts": 8, "num_experts_per_tok": 2,
+                  "expert_intermediate_size": 768, "dense_intermediate_size": 2048,
                   "moe_layer_freq": [1] * 8, "vocab_size": 16384},
 }
 MODES = ("none", "prefix", "dual")
