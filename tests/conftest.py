@@ -9,6 +9,17 @@ ARTIFACT_SEQ_LEN = 48
 ARTIFACT_BLOCK = 8  # the step graph's block; the window graph takes 16 (+1 for Dream)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny forwards are faster on one thread, and much faster on a shared machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A function family -> path of a tiny random checkpoint (made on first use)."""

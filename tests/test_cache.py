@@ -38,13 +38,7 @@ from dllm_export.runtime.generate import SamplerConfig, Special, denoise
 PROMPT = [5, 17, 42, 99, 120, 7]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 class PositionBiased(torch.nn.Module):
     """A tiny model plus a fixed logit bias per (query position, token), never the mask

@@ -64,14 +64,7 @@ def assert_matches_reference(backend, logits_fn, prompts, special, **options):
 # ---------------------------------------------------------------- tiny checkpoints
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny forwards are faster on one thread, and much faster on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 class Conditioned(torch.nn.Module):
     """A tiny model's logits plus a fixed bias per (position, token), and no mask token.

@@ -65,9 +65,33 @@ class Backend:
         """Start an empty cache for ``batch`` rows of ``capacity`` slots."""
         self._no_cache()
 
+    graphs: dict = {}  # cached graph name -> contract.GraphSpec (fixed-shape backends)
+
     def rows_for(self, needed: int) -> int:
         """Query rows of the cached graph that fits ``needed`` queries (fixed shapes pad)."""
-        self._no_cache()
+        fits = sorted(s.queries for s in self.graphs.values() if s.capacity and s.queries >= needed)
+        if not fits:
+            if not self.graphs:
+                self._no_cache()
+            have = sorted(s.queries for s in self.graphs.values() if s.capacity)
+            raise DllmExportError(
+                f"{getattr(self, 'directory', self.name)}: a cached call needs {needed} query "
+                f"rows; the cached graphs take {have}: re-export with --cache and a larger "
+                "--window (prefix) or --block-length")
+        return fits[0]
+
+    def _graph_for(self, rows: int) -> str:
+        """The cached graph (with past inputs) of exactly ``rows`` query rows."""
+        for name, spec in self.graphs.items():
+            if spec.capacity and spec.queries == rows:
+                return name
+        raise DllmExportError(f"no cached graph takes {rows} query rows")
+
+    def _check_capacity(self, capacity: int) -> None:
+        if not self.graphs:
+            self._no_cache()
+        if capacity != self.seq_len:
+            raise DllmExportError(f"a cache of {capacity} slots; the graphs hold {self.seq_len}")
 
     def _pad_rows(self, arrays):
         rows = arrays[0].shape[0]

@@ -158,24 +158,10 @@ class OrtBackend(Backend):
 
     # --------------------------------------------------------------- cached graphs
 
-    def rows_for(self, needed: int) -> int:
-        fits = sorted(spec.queries for spec in self.graphs.values()
-                      if spec.capacity and spec.queries >= needed)
-        if not fits:
-            have = sorted(spec.queries for spec in self.graphs.values() if spec.capacity)
-            raise DllmExportError(
-                f"{self.directory}: a cached call needs {needed} query rows; the artifact's "
-                f"cached graphs take {have}: re-export with --cache and a larger --window "
-                "(prefix) or --block-length")
-        return fits[0]
-
     def reset_cache(self, batch: int, capacity: int) -> None:
         import onnxruntime as ort
 
-        if not self.graphs:
-            self._no_cache()
-        if capacity != self.seq_len:
-            raise DllmExportError(f"a cache of {capacity} slots; the artifact holds {self.seq_len}")
+        self._check_capacity(capacity)
         if self.cache_arrays is None:  # allocated once, reused by every generation
             spec = self.graphs["prefill"]
             self.cache_arrays = {}
@@ -237,12 +223,6 @@ class OrtBackend(Backend):
         head = [outputs[n].copy() for n in contract.DECODE_OUTPUTS]
         self.bytes_moved["outputs"] += sum(a.nbytes for a in head)
         return Prediction(*head, self.special_ids), outputs, spec
-
-    def _graph_for(self, rows: int) -> str:
-        for name, spec in self.graphs.items():
-            if spec.capacity and spec.queries == rows:
-                return name
-        raise DllmExportError(f"{self.directory}: no cached graph takes {rows} query rows")
 
     def _run_prefill(self, input_ids, position_ids, attention_mask) -> Prediction:
         pred, _, _ = self._run_bound("prefill", input_ids, position_ids, attention_mask)

@@ -219,18 +219,8 @@ class TensorRTBackend(Backend):
 
     # --------------------------------------------------------------- cached graphs
 
-    def rows_for(self, needed: int) -> int:
-        fits = sorted(s.queries for s in self.graphs.values() if s.capacity and s.queries >= needed)
-        if not fits:
-            raise DllmExportError(f"{self.directory}: no cached engine takes {needed} query "
-                                  "rows; re-export with a larger --window and rebuild")
-        return fits[0]
-
     def reset_cache(self, batch: int, capacity: int) -> None:
-        if not self.graphs:
-            self._no_cache()
-        if capacity != self.seq_len:
-            raise DllmExportError(f"a cache of {capacity} slots; the engine holds {self.seq_len}")
+        self._check_capacity(capacity)
 
     def _cached_call(self, io: _EngineIO, input_ids, position_ids, attention_mask) -> Prediction:
         for name, array in (("input_ids", input_ids), ("position_ids", position_ids),
@@ -252,7 +242,7 @@ class TensorRTBackend(Backend):
 
     def _run_cached_step(self, input_ids, position_ids, attention_mask, write) -> Prediction:
         rows = input_ids.shape[1]
-        io, spec = next(v for v in self.cached.values() if v[1].capacity and v[1].queries == rows)
+        io, spec = self.cached[self._graph_for(rows)]
         pred = self._cached_call(io, input_ids, position_ids, attention_mask)
         if write is not None:
             row, slot, count = write
