@@ -166,6 +166,11 @@ class OrtBackend(Backend):
             spec = self.graphs["prefill"]
             self.cache_arrays = {}
             for tensor in spec.outputs[len(contract.DECODE_OUTPUTS):]:
+                if tensor.dtype not in NUMPY_DTYPES:
+                    raise DllmExportError(
+                        f"{self.directory}: a {tensor.dtype} key/value cache has no numpy "
+                        "type for ONNX Runtime's IOBinding here; run the cached graphs on "
+                        "TensorRT, or export with --dtype fp32 or fp16")
                 array = np.zeros(tensor.shape, dtype=NUMPY_DTYPES[tensor.dtype])
                 self.cache_arrays[tensor.name.replace("present_", "", 1)] = (
                     array, ort.OrtValue.ortvalue_from_numpy(array))
