@@ -89,7 +89,7 @@ def make_tiny(out_dir, family, seed, dtype, shards, overwrite):
 def sampler_options(func):
     """Sampler flags shared by generate, run, eval and profile (None: model default)."""
     options = [
-        click.option("--algorithm", type=click.Choice(["llada", "dream"]), default=None,
+        click.option("--algorithm", type=click.Choice(["llada", "dream", "llada2"]), default=None,
                      help="Unmasking loop (default: the family's own)."),
         click.option("--gen-length", type=int, default=None, help="Tokens to generate."),
         click.option("--steps", type=int, default=None, help="Denoising steps in total."),
@@ -119,6 +119,14 @@ def sampler_options(func):
         click.option("--attention", type=click.Choice(["bidirectional", "block_causal"]),
                      default=None, help="Attention rule (default: the family's; block_causal "
                                         "with --cache block)."),
+        click.option("--editing-threshold", type=float, default=None,
+                     help="llada2: LLaDA2.1's token editing (re-edit committed tokens whose "
+                          "new prediction is this confident)."),
+        click.option("--max-post-steps", type=int, default=None,
+                     help="llada2 with editing: forwards that keep editing a full block."),
+        click.option("--minimal-topk", type=int, default=None, help="llada2: LLaDA2.0's cap."),
+        click.option("--eos-early-stop", is_flag=True, default=None,
+                     help="llada2: stop a row as soon as its answer has ended."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -128,7 +136,8 @@ def sampler_options(func):
 SAMPLER_KEYS = ("algorithm", "gen_length", "steps", "block_length", "remasking", "threshold",
                 "alg", "alg_temp", "temperature", "top_p", "top_k", "cfg_scale",
                 "logits_eos_inf", "confidence_eos_eot_inf", "seed", "early_exit", "cache",
-                "attention")
+                "attention", "editing_threshold", "max_post_steps", "minimal_topk",
+                "eos_early_stop")
 
 
 def _sampler_overrides(kwargs) -> dict:

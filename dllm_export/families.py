@@ -126,6 +126,38 @@ def _dream_shape(config: dict, path) -> ModelShape:
     )
 
 
+def _llada2_shape(config: dict, path) -> ModelShape:
+    names = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "intermediate_size", "moe_intermediate_size", "num_experts", "num_experts_per_tok")
+    _required(config, names, "LLaDA2", path)
+    layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    dense = min(config.get("first_k_dense_replace") or 0, layers)
+    inner = config["moe_intermediate_size"]
+    return ModelShape(
+        family="llada2",
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        vocab=config["vocab_size"],
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        dense_layers=dense,
+        dense_intermediate=config["intermediate_size"],
+        moe_layers=layers - dense,
+        experts=config["num_experts"],
+        experts_per_token=config["num_experts_per_tok"],
+        expert_intermediate=inner,
+        shared_intermediate=inner * (config.get("num_shared_experts") or 0),
+        attention_extra=2 * head_dim if config.get("use_qk_norm", True) else 0,
+    )
+
+
+LLADA2_TYPES = ("llada2_moe", "llada2_moe_veomni", "llada21_moe", "llada21_moe_veomni")
+
+
 def _is_llada_moe(config: dict) -> bool:
     return config.get("model_type") == "llada" and (
         "num_experts" in config or "expert_intermediate_size" in config)
@@ -152,6 +184,21 @@ REGISTRY: dict[str, Family] = {
                                         "vocab_size", "embedding_size", "mlp_hidden_size",
                                         "mlp_ratio"), (int, 1)),
                        "weight_tying": (bool,), "multi_query_attention": (bool,)}),
+        # LLaDA2.0/2.1: published checkpoints say llada2_moe (2.1: llada21_moe), the
+        # training repository's configs llada2_moe_veomni.
+        Family("llada2", "llada2", lambda c: c.get("model_type") in LLADA2_TYPES,
+               _llada2_shape,
+               dict(algorithm="llada2", gen_length=256, steps=32, block_length=32,
+                    threshold=0.95),
+               positions="real_count", attention="block_causal", cache_modes=("none", "block"),
+               schema={**dict.fromkeys(("vocab_size", "hidden_size", "num_hidden_layers",
+                                        "num_attention_heads", "num_key_value_heads",
+                                        "head_dim", "intermediate_size",
+                                        "moe_intermediate_size", "num_experts",
+                                        "num_experts_per_tok", "n_group", "topk_group"),
+                                       (int, 1)),
+                       "first_k_dense_replace": (int, 0), "num_shared_experts": (int, 0),
+                       "tie_word_embeddings": (bool,), "use_qk_norm": (bool,)}),
         Family("dream", "dream",
                lambda c: isinstance(c.get("model_type"), str) and c["model_type"].lower() == "dream",
                _dream_shape, dict(algorithm="dream", gen_length=128, steps=128, alg="entropy"),

@@ -1,5 +1,11 @@
 """Mixture-of-Experts pieces: routers and interchangeable ways to run the experts.
 
+Routing is a function that returns (weights, expert ids); how the experts execute is a
+strategy that takes them. Routers: ``softmax_topk`` (LLaDA-MoE, OLMoE, Qwen3-MoE) and
+``sigmoid_group_topk`` (LLaDA2, DeepSeek-V3: sigmoid scores, a selection-only bias,
+group-limited top-k, renormalised and scaled), the latter as the ``GroupLimitedGate`` module
+whose parameters keep the checkpoint's ``mlp.gate.*`` names.
+
 Every strategy computes the same function (to float tolerance) and differs in the graph it
 exports:
 
@@ -10,7 +16,11 @@ exports:
 * ``sparse``: token-expert pairs are grouped by expert into fixed-size blocks and one batched
   MatMul runs over the blocks. Lossless (no capacity, no dropped tokens) and static-shaped:
   no NonZero, no scatter-add; slots are unique so ScatterND runs with reduction 'none'.
-* ``ort``: ONNX Runtime's fused ``com.microsoft::MoE`` contrib op (interleaved SwiGLU).
+* ``ort``: ONNX Runtime's fused ``com.microsoft::MoE`` contrib op (interleaved SwiGLU). The
+  op routes with its own softmax top-k; for any other router the chosen experts' weights
+  are handed to it as logits (log of the renormalised weights, the rest at -1e9, so its
+  softmax and top-k give back exactly those experts and weights) and the output is scaled
+  by the weights' sum: exact for every router.
 """
 
 from __future__ import annotations
@@ -42,6 +52,61 @@ def softmax_topk(router_logits, k: int, renormalize: bool = False, bias=None,
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, expert_ids
+
+
+def sigmoid_group_topk(router_logits, k: int, n_group: int, topk_group: int,
+                       scaling: float = 1.0, bias=None, renormalize: bool = True):
+    """Sigmoid scores in float32; ``bias`` (selection only) picks the experts: each of
+    ``n_group`` groups scores the sum of its two best biased scores, the ``topk_group`` best
+    groups are kept, and the top ``k`` experts inside them win. The weights are the
+    unbiased scores of the winners, renormalised (k > 1) and times ``scaling``.
+    Returns (weights [T, k] float32, expert ids [T, k] int64)."""
+    scores = torch.sigmoid(router_logits.float())
+    biased = scores if bias is None else scores + bias.float()
+    tokens, experts = biased.shape
+    groups = biased.view(tokens, n_group, experts // n_group)
+    group_scores = groups.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+    kept = group_scores.topk(topk_group, dim=-1).indices  # [T, topk_group]
+    # one-hot instead of scatter: a kept-group mask [T, G] without ScatterElements
+    group_mask = (kept[..., None] == torch.arange(n_group, device=kept.device)).any(dim=1)
+    expert_mask = group_mask.repeat_interleave(experts // n_group, dim=1)
+    masked = biased.masked_fill(~expert_mask, float("-inf"))
+    expert_ids = masked.topk(k, dim=-1).indices
+    weights = scores.gather(-1, expert_ids)
+    if renormalize and k > 1:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, expert_ids
+
+
+class GroupLimitedGate(nn.Module):
+    """LLaDA2's router: ``weight`` [E, D] and the selection bias ``expert_bias`` [E]
+    (``mlp.gate.weight``, ``mlp.gate.expert_bias``), logits in float32."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, n_group: int,
+                 topk_group: int, scaling: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
+        self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
+        self.scaling = scaling
+
+    def forward(self, x):
+        return F.linear(x.float(), self.weight.float())
+
+    def route(self, x):
+        return sigmoid_group_topk(self(x), self.top_k, self.n_group, self.topk_group,
+                                  self.scaling, self.expert_bias)
+
+
+def weights_as_logits(weights, expert_ids, num_experts: int):
+    """Router logits whose softmax top-k gives back ``expert_ids`` with ``weights``
+    renormalised: the log of the normalised weights, -1e9 elsewhere. Returns (logits,
+    the weights' sum per token, to scale the fused op's output by)."""
+    total = weights.sum(dim=-1, keepdim=True)
+    chosen = torch.log((weights / total).clamp_min(1e-30))
+    onehot = expert_ids[..., None] == torch.arange(num_experts, device=expert_ids.device)
+    logits = torch.where(onehot, chosen[..., None], torch.full_like(chosen[..., None], -1e9))
+    return logits.max(dim=1).values, total
 
 
 class SwiGLUExpert(nn.Module):
@@ -131,19 +196,28 @@ def _(x, router_logits, fc1, fc2, top_k, normalize):
 
 
 class SparseMoeBlock(nn.Module):
-    """Router (``gate``) plus ``experts.{j}.{gate,up,down}_proj``: LLaDA-MoE / OLMoE names."""
+    """Router (``gate``) plus ``experts.{j}.{gate,up,down}_proj`` (LLaDA-MoE / OLMoE names),
+    optionally ``shared_experts`` (every token, added unweighted: LLaDA2). ``gate`` is a
+    softmax top-k ``nn.Linear`` by default, or any module with ``route(x) -> (weights,
+    ids)`` (``GroupLimitedGate``). ``routing_hooks`` see each call's expert ids (profiling
+    and calibration count experts from them; nobody routes twice)."""
 
     def __init__(self, hidden: int, inner: int, num_experts: int, top_k: int,
-                 renormalize: bool, expert_bias: bool):
+                 renormalize: bool = False, expert_bias: bool = False, gate=None,
+                 shared: nn.Module | None = None):
         super().__init__()
         self.top_k = top_k
         self.renormalize = renormalize
-        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.custom_router = gate is not None
+        self.gate = gate if gate is not None else nn.Linear(hidden, num_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLUExpert(hidden, inner) for _ in range(num_experts))
+        if shared is not None:
+            self.shared_experts = shared
         if expert_bias:
             self.register_buffer("expert_bias", torch.zeros(num_experts))
         else:
             self.expert_bias = None
+        self.routing_hooks: list = []
         self.strategy = "eager"
         self.block = DEFAULT_BLOCK
         self.fc1t = self.fc2t = None  # packed expert weights, built by pack()
@@ -172,7 +246,8 @@ class SparseMoeBlock(nn.Module):
     def set_strategy(self, strategy: str, block: int = DEFAULT_BLOCK):
         if strategy not in STRATEGIES:
             raise DllmExportError(f"--moe {strategy!r}: choose one of {', '.join(STRATEGIES)}")
-        if strategy == "ort" and self.expert_bias is not None and bool(self.expert_bias.any()):
+        if (strategy == "ort" and not self.custom_router and self.expert_bias is not None
+                and bool(self.expert_bias.any())):
             raise DllmExportError(
                 "--moe ort: this checkpoint has a non-zero expert_bias, which "
                 "com.microsoft::MoE cannot apply; use --moe sparse or dense"
@@ -181,22 +256,36 @@ class SparseMoeBlock(nn.Module):
             self.pack()
         self.strategy, self.block = strategy, block
 
+    def route(self, x):
+        """(weights [T, k] float32, expert ids [T, k]) of the rows of ``x`` [T, D]."""
+        if self.custom_router:
+            return self.gate.route(x)
+        return softmax_topk(self.gate(x), self.top_k, self.renormalize, self.expert_bias)
+
+    def _fused(self, x):
+        # com.microsoft::MoE wants nn.Linear layouts: fc1 [E, 2I, D], fc2 [E, D, I]
+        fc1, fc2 = self.fc1t.transpose(1, 2), self.fc2t.transpose(1, 2)
+        if not self.custom_router:  # the op's own softmax top-k is the router
+            return moe_swiglu(x, self.gate(x), fc1, fc2, self.top_k, self.renormalize)
+        weights, expert_ids = self.route(x)
+        logits, total = weights_as_logits(weights, expert_ids, len(self.experts))
+        return moe_swiglu(x, logits, fc1, fc2, self.top_k, True) * total.to(x.dtype)
+
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        router_logits = self.gate(x)
         if self.strategy == "ort":
-            # com.microsoft::MoE wants nn.Linear layouts: fc1 [E, 2I, D], fc2 [E, D, I]
-            fc1, fc2 = self.fc1t.transpose(1, 2), self.fc2t.transpose(1, 2)
-            out = moe_swiglu(x, router_logits, fc1, fc2, self.top_k, self.renormalize)
-            return out.view(shape)
-        weights, expert_ids = softmax_topk(
-            router_logits, self.top_k, self.renormalize, self.expert_bias
-        )
-        if self.strategy == "dense":
-            out = run_dense(x, self.experts, weights, expert_ids)
-        elif self.strategy == "sparse":
-            out = run_sparse(x, self.fc1t, self.fc2t, weights, expert_ids, self.block)
+            out = self._fused(x)
         else:
-            out = run_eager(x, self.experts, weights, expert_ids)
+            weights, expert_ids = self.route(x)
+            for hook in self.routing_hooks:
+                hook(expert_ids)
+            if self.strategy == "dense":
+                out = run_dense(x, self.experts, weights, expert_ids)
+            elif self.strategy == "sparse":
+                out = run_sparse(x, self.fc1t, self.fc2t, weights, expert_ids, self.block)
+            else:
+                out = run_eager(x, self.experts, weights, expert_ids)
+        if hasattr(self, "shared_experts"):
+            out = out + self.shared_experts(x)
         return out.view(shape)

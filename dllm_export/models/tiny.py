@@ -84,6 +84,8 @@ def random_tensor(name: str, shape, generator, std: float = 0.02):
     owner = name.split(".")[-2]
     if "norm" in owner or owner == "ln_f":
         return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+    if name.endswith("gate.expert_bias"):  # LLaDA2's selection bias: it must matter in tests
+        return 0.05 * torch.randn(shape, generator=generator)
     if name.endswith("expert_bias"):
         return torch.zeros(shape)
     return std * torch.randn(shape, generator=generator)

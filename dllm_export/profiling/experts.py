@@ -14,27 +14,23 @@ class ExpertCounter:
     """Hooks every MoE router of a loaded model; ``per_layer()`` averages over forwards."""
 
     def __init__(self, model):
-        from dllm_export.models.moe import softmax_topk
-
         self.blocks = getattr(model, "moe_blocks", lambda: [])()
         self.counts = [[] for _ in self.blocks]
-        self.handles = []
+        self.hooks = []
         for index, block in enumerate(self.blocks):
 
-            def hook(module, inputs, router_logits, index=index, block=block):
-                _, ids = softmax_topk(
-                    router_logits, block.top_k, block.renormalize, block.expert_bias
-                )
-                self.counts[index].append(int(ids.unique().numel()))
+            def hook(expert_ids, index=index):  # the block's own routing, not recomputed
+                self.counts[index].append(int(expert_ids.unique().numel()))
 
-            self.handles.append(block.gate.register_forward_hook(hook))
+            block.routing_hooks.append(hook)
+            self.hooks.append((block, hook))
 
     def per_layer(self) -> list[float]:
         return [float(np.mean(c)) if c else 0.0 for c in self.counts]
 
     def close(self):
-        for handle in self.handles:
-            handle.remove()
+        for block, hook in self.hooks:
+            block.routing_hooks.remove(hook)
 
 
 def count_experts(

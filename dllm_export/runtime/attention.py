@@ -31,10 +31,16 @@ def check_rule(rule: str) -> str:
     return rule
 
 
-def block_ids(length: int, prompt_length: int, block_length: int) -> np.ndarray:
-    """Block index of each canvas position: the prompt (with its left padding) is block 0,
-    then generation blocks of ``block_length`` from ``prompt_length`` on."""
+def block_ids(length: int, prompt_length: int, block_length: int,
+              origin: int | None = None) -> np.ndarray:
+    """Block index of each canvas position. By default the prompt (with its left padding)
+    is block 0, then generation blocks of ``block_length`` from ``prompt_length`` on. With
+    ``origin`` (the first real token's canvas index) blocks are aligned to absolute
+    positions from there, as LLaDA2 numbers them: the prompt spans several blocks and the
+    first generation block may start inside the last of them (left pads join block 0)."""
     index = np.arange(length)
+    if origin is not None:
+        return np.maximum(index - origin, 0) // block_length
     return np.where(index < prompt_length, 0, 1 + (index - prompt_length) // block_length)
 
 

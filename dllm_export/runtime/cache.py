@@ -61,17 +61,25 @@ class Layout:
     rule: str  # attention rule of this run
     shift: int  # 1 when row p predicts p + 1
     pad_id: int
+    origin: int | None = None  # absolute block alignment from this canvas index (LLaDA2)
     blocks: np.ndarray = field(init=False)
+    first_block: int = field(init=False)  # where the first generation block starts
 
     def __post_init__(self):
-        self.blocks = block_ids(self.real.shape[1], self.prompt_length, self.block_length)
+        self.blocks = block_ids(self.real.shape[1], self.prompt_length, self.block_length,
+                                self.origin)
+        if self.origin is None:
+            self.first_block = self.prompt_length
+        else:
+            real = self.prompt_length - self.origin
+            self.first_block = self.origin + real // self.block_length * self.block_length
 
 
 def make_layout(attention: np.ndarray, prompt_length: int, block_length: int, rule: str,
-                family_rules, pad_id: int) -> Layout:
+                family_rules, pad_id: int, origin: int | None = None) -> Layout:
     real = attention.astype(bool)
     return Layout(real, rope_positions(real, family_rules.positions), prompt_length,
-                  block_length, rule, int(family_rules.shift_logits), pad_id)
+                  block_length, rule, int(family_rules.shift_logits), pad_id, origin)
 
 
 class Forwards:
@@ -97,7 +105,8 @@ class NoCache:
         self.canvas_step = canvas_step
 
     def start(self, canvas):
-        pass
+        if self.layout.rule != "bidirectional":  # the prefill graph runs every step
+            self.backend.reset_cache(canvas.shape[0], canvas.shape[1])
 
     def _full(self, canvas):
         layout = self.layout
@@ -174,9 +183,9 @@ class BlockCache(_Cached):
 
     def start(self, canvas):
         super().start(canvas)
-        self._refresh(canvas)  # the prompt's keys are exact: it sees only itself
+        self._refresh(canvas)  # the prompt's complete blocks are exact: they see only earlier ones
         self.valid[:] = False
-        self.valid[:, : self.layout.prompt_length] = True
+        self.valid[:, : self.layout.first_block] = True
 
     def predict(self, canvas, start, end, step):
         shift = self.layout.shift

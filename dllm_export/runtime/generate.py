@@ -20,9 +20,11 @@ import numpy as np
 from dllm_export.errors import DllmExportError
 from dllm_export.runtime import cache as cache_modes
 from dllm_export.runtime import sampling
+from dllm_export.runtime.block_decoding import common_origin, llada2_loop
 from dllm_export.runtime.prediction import summarize_logits
 
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+ALGORITHMS = ("llada", "dream", "llada2")
 ATTENTION = ("bidirectional", "block_causal")
 
 
@@ -49,10 +51,18 @@ class SamplerConfig:
     early_exit: bool = True
     cache: str | None = None  # cache.MODES; None: the family's exact default
     attention: str | None = None  # ATTENTION; None: block_causal for --cache block, else the family's
+    # llada2 (block_decoding.py): LLaDA2.0's minimal_topk and eos_early_stop, LLaDA2.1's
+    # token editing (None: off), its post-mask editing steps and masks per step
+    minimal_topk: int = 1
+    eos_early_stop: bool = False
+    editing_threshold: float | None = None
+    max_post_steps: int = 16
+    num_to_transfer: int = 1
 
     def __post_init__(self):
-        if self.algorithm not in ("llada", "dream"):
-            raise DllmExportError(f"--algorithm {self.algorithm!r}: choose llada or dream")
+        if self.algorithm not in ALGORITHMS:
+            raise DllmExportError(
+                f"--algorithm {self.algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
         _check_ranges(self)
         if self.cache is not None and self.cache not in cache_modes.MODES:
             raise DllmExportError(
@@ -72,6 +82,10 @@ class SamplerConfig:
                     "(with --block-length, and --threshold for Fast-dLLM decoding)")
             if self.alg not in DREAM_ALGS:
                 raise DllmExportError(f"--alg {self.alg!r}: choose one of {', '.join(DREAM_ALGS)}")
+            return
+        if self.algorithm == "llada2":
+            if not self.block_length:
+                raise DllmExportError("--algorithm llada2 decodes blocks: set --block-length")
             return
         if self.remasking not in ("low_confidence", "random"):
             raise DllmExportError(f"--remasking {self.remasking!r}: low_confidence or random")
@@ -101,7 +115,9 @@ RANGES = (
     ("temperature", 0, True, None, False, float), ("top_p", 0, False, 1, True, float),
     ("top_k", 1, True, None, False, int), ("cfg_scale", 0, True, None, False, float),
     ("alg_temp", 0, True, None, False, float), ("eps", 0, False, 1, False, float),
-    ("seed", 0, True, 2**63 - 1, True, int),
+    ("seed", 0, True, 2**63 - 1, True, int), ("minimal_topk", 1, True, MAX_TOKENS, True, int),
+    ("editing_threshold", 0, True, 1, True, float), ("max_post_steps", 0, True, 1024, True, int),
+    ("num_to_transfer", 1, True, MAX_TOKENS, True, int),
 )
 
 
@@ -345,16 +361,20 @@ def denoise(backend, prompts: list[list[int]], config: SamplerConfig, special: S
     mode_name, rule = resolve_cache(config, family)
     rng = np.random.default_rng(config.seed)
     forwards = cache_modes.Forwards()
+    origin = common_origin(attention) if config.algorithm == "llada2" else None
     layout = cache_modes.make_layout(
         attention, prompt_length, config.block_length or config.gen_length, rule,
-        family or cache_modes.PLAIN, special.pad_id)
+        family or cache_modes.PLAIN, special.pad_id, origin)
     canvas_step = _canvas_step(backend, attention, config, special, canvas, forwards)
     mode = cache_modes.open_mode(mode_name, backend, layout, forwards, canvas_step)
     result = DenoiseResult(sequences=canvas, prompt_length=prompt_length, cache=mode_name,
                            attention=rule)
     started = time.perf_counter()
-    loop = _llada_loop if config.algorithm == "llada" else _dream_loop
-    loop(mode, canvas, prompt_length, config, special, rng, on_step, result)
+    if config.algorithm == "llada2":
+        llada2_loop(mode, canvas, layout, config, special, rng, on_step, result)
+    else:
+        loop = _llada_loop if config.algorithm == "llada" else _dream_loop
+        loop(mode, canvas, prompt_length, config, special, rng, on_step, result)
     result.seconds = time.perf_counter() - started
     result.forwards = len(forwards.seconds)
     result.forward_seconds = forwards.seconds
