@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-FAMILIES = ("llada", "llada-moe", "dream")
+FAMILIES = ("llada", "llada-moe", "dream", "llada2")
 ARTIFACT_SEQ_LEN = 48
 ARTIFACT_BLOCK = 8  # the step graph's block; the window graph takes 16 (+1 for Dream)
 

@@ -538,3 +538,84 @@ def reference_steps(
             **options,
         )
     return history
+
+
+# ---------------------------------------------------------------- LLaDA2
+
+
+def _llada2_schedule(block_length, steps):
+    return [block_length // steps + (1 if s < block_length % steps else 0) for s in range(steps)]
+
+
+@torch.no_grad()
+def llada2_generate(logits_fn, prompt, *, gen_length, block_length, steps, threshold,
+                    mask_id, eos_id, minimal_topk=1, editing_threshold=None,
+                    max_post_steps=16, num_to_transfer=1, eos_early_stop=False, history=None):
+    """LLaDA2.0 ``generate`` (dllm at HEAD: argmax at temperature 0) and, with
+    ``editing_threshold``, LLaDA2.1's; one prompt [1, P], no cache: every step runs
+    ``logits_fn(x[:, :end], end)`` (the block-causal window up to the block's end).
+    Returns the full canvas [1, NB * L]."""
+    P, L = prompt.shape[1], block_length
+    steps = min(steps, gen_length // minimal_topk)
+    blocks = -(-(P + gen_length) // L)
+    x = torch.full((1, blocks * L), mask_id, dtype=torch.long)
+    x[:, :P] = prompt
+    counts = _llada2_schedule(L, steps)
+    for b in range(P // L, blocks):
+        start, end = b * L, (b + 1) * L
+        block = x[:, start:end]
+        prompt_mask = torch.arange(start, end) < P
+        if editing_threshold is None:
+            for s in range(steps):
+                active = block == mask_id
+                if not active.any():
+                    break
+                logits = logits_fn(x[:, :end], end)[:, -L:]
+                probs = F.softmax(logits.double(), -1)
+                x0 = logits.argmax(-1)
+                p = probs.gather(-1, x0[..., None])[..., 0]
+                confidence = torch.where(active, p, -torch.inf)
+                high = confidence > threshold
+                n = min(counts[s], int(active.sum()))
+                commit = high if int(high.sum()) >= n else torch.zeros_like(high)
+                if int(high.sum()) < n:
+                    commit[0, top_positions(confidence[0], n)] = True
+                block[commit] = x0[commit]
+                _record(history, x)
+                if eos_early_stop and (x0[commit] == eos_id).any():
+                    eos = (x[0, P:] == eos_id).nonzero()
+                    if len(eos) and not (x[0, P : P + int(eos[0])] == mask_id).any():
+                        return x
+            if (x[0, P:end] == eos_id).any():
+                break
+            continue
+        post = 0
+        while True:
+            old = block.clone()
+            active = old == mask_id
+            if not active.any():
+                post += 1
+            if post > max_post_steps:
+                break
+            logits = logits_fn(x[:, :end], end)[:, -L:]
+            probs = F.softmax(logits.double(), -1)
+            x0 = logits.argmax(-1)
+            p = probs.gather(-1, x0[..., None])[..., 0]
+            commit = torch.zeros_like(active)
+            if active.any():
+                confidence = torch.where(active, p, -torch.inf)
+                high = (confidence > threshold) & active
+                if int(high.sum()) >= num_to_transfer:
+                    commit = high
+                else:
+                    commit[0, top_positions(confidence[0], min(num_to_transfer, int(active.sum())))] = True
+            edits = ~active & ~prompt_mask[None] & (p > editing_threshold) & (x0 != old)
+            block[commit | edits] = x0[commit | edits]
+            _record(history, x)
+            if not active.any() and not edits.any():
+                break
+        if eos_early_stop:
+            generated = x[0, P:end]
+            if not (generated == mask_id).any() and (generated == eos_id).any():
+                break
+    return x

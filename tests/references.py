@@ -138,3 +138,86 @@ def reference_logits(family, model, input_ids, attention_mask=None):
     if family == "dream":
         logits = torch.cat((logits[:, :1], logits[:, :-1]), dim=1)
     return logits
+
+
+# ---------------------------------------------------------------- LLaDA2
+
+
+def deepseek_v3_moe(block, args):
+    """transformers' ``DeepseekV3MoE`` (router, stacked experts, shared expert) carrying the
+    weights of one of our LLaDA2 MoE blocks: the same routing rule and mixing, written by
+    someone else."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    config = DeepseekV3Config(
+        hidden_size=args.hidden_size, moe_intermediate_size=args.moe_intermediate_size,
+        n_routed_experts=args.num_experts, num_experts_per_tok=args.num_experts_per_tok,
+        n_group=args.n_group, topk_group=args.topk_group, norm_topk_prob=True,
+        routed_scaling_factor=args.routed_scaling_factor,
+        n_shared_experts=args.num_shared_experts or 1, hidden_act="silu")
+    moe = DeepseekV3MoE(config).eval()
+    with torch.no_grad():
+        moe.gate.weight.copy_(block.gate.weight.float())
+        moe.gate.e_score_correction_bias.copy_(block.gate.expert_bias.float())
+        moe.experts.gate_up_proj.copy_(torch.stack(
+            [torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in block.experts]))
+        moe.experts.down_proj.copy_(torch.stack([e.down_proj.weight for e in block.experts]))
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(moe.shared_experts, name).weight.copy_(
+                getattr(block.shared_experts, name).weight)
+    return moe
+
+
+def llada2_reference_logits(model, input_ids, bias=None):
+    """LLaDA2's forward written out from its published modeling code's facts: the fused
+    QKV split by heads, RMSNorm over head_dim on q and k before partial rotate-half RoPE,
+    repeated key/value heads, eager attention under an additive ``bias`` [B, 1, L, L],
+    a dense SwiGLU first layer, DeepSeek-V3's MoE for the rest."""
+    a = model.args
+    batch, length = input_ids.shape
+    heads, kv, dim = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+    rot = int(dim * a.partial_rotary_factor)
+
+    def rms(x, weight):
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + a.rms_norm_eps))
+
+    inv = 1.0 / (a.rope_theta ** (torch.arange(0, rot, 2).float() / rot))
+    angles = torch.arange(length).float()[:, None] * inv[None]
+    cos = torch.cat([angles, angles], -1).cos()[:, None]  # [L, 1, rot]: q is [B, L, H, D]
+    sin = torch.cat([angles, angles], -1).sin()[:, None]
+
+    def rope(x):
+        x_rot, x_pass = x[..., :rot], x[..., rot:]
+        half = torch.cat([-x_rot[..., rot // 2:], x_rot[..., : rot // 2]], -1)
+        return torch.cat([x_rot * cos + half * sin, x_pass], -1)
+
+    inner = model.model
+    x = inner.word_embeddings.weight[input_ids]
+    for index, layer in enumerate(inner.layers):
+        h = rms(x, layer.input_layernorm.weight)
+        qkv = (h @ layer.attention.query_key_value.weight.T).view(batch, length, heads + 2 * kv, dim)
+        q, k, v = qkv[:, :, :heads], qkv[:, :, heads : heads + kv], qkv[:, :, heads + kv :]
+        q = rope(rms(q, layer.attention.query_layernorm.weight)).transpose(1, 2)
+        k = rope(rms(k, layer.attention.key_layernorm.weight)).transpose(1, 2)
+        v = v.transpose(1, 2)
+        k, v = (t.repeat_interleave(heads // kv, dim=1) for t in (k, v))
+        scores = q @ k.transpose(-1, -2) / dim**0.5
+        if bias is not None:
+            scores = scores + bias
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, length, heads * dim)
+        x = x + out @ layer.attention.dense.weight.T
+        h = rms(x, layer.post_attention_layernorm.weight)
+        if index < a.first_k_dense_replace:
+            mlp = layer.mlp
+            x = x + mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+        else:
+            x = x + deepseek_v3_moe(layer.mlp, a)(h)
+    return rms(x, inner.norm.weight) @ model.lm_head.weight.T
+
+
+def block_causal_bias(length: int, block: int) -> torch.Tensor:
+    """LLaDA2's generation mask: 0 where key block <= query block, -inf elsewhere."""
+    blocks = torch.arange(length) // block
+    keep = blocks[None, :] <= blocks[:, None]
+    return torch.zeros(length, length).masked_fill(~keep, float("-inf"))[None, None]
