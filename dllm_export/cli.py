@@ -219,11 +219,15 @@ class _StageProgress:
 @click.option("--seq-len", default=256, show_default=True, help="Fixed canvas length (prompt + generation).")
 @click.option("--batch", default=1, show_default=True, help="Fixed batch size.")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
-@click.option("--moe", default="dense", show_default=True, type=click.Choice(["dense", "sparse", "ort"]),
-              help="MoE routing in the graph: dense (all experts; TensorRT and every quantiser), "
-                   "sparse (lossless expert blocks), ort (com.microsoft::MoE: fastest on "
-                   "ONNX Runtime, no TensorRT).")
-@click.option("--moe-block", default=16, show_default=True, help="Rows per expert block (sparse).")
+@click.option("--moe", default="auto", show_default=True,
+              type=click.Choice(["auto", "dense", "sparse", "ort"]),
+              help="MoE form in the graph: dense (all experts; TensorRT and every quantiser), "
+                   "sparse (routed rows only, lossless expert blocks), ort "
+                   "(com.microsoft::MoE: fastest on ONNX Runtime, no TensorRT); auto: dense "
+                   "up to 16 experts, sparse beyond.")
+@click.option("--moe-block", type=int, default=None,
+              help="Rows per expert block (sparse; default: about the routed rows per expert "
+                   "of each graph).")
 @click.option("--outputs", default="decode", show_default=True, type=click.Choice(["decode", "logits"]))
 @click.option("--topk", default=8, show_default=True, help="Candidates per position in the decode head.")
 @click.option("--opset", default=18, show_default=True)

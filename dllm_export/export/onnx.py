@@ -32,11 +32,30 @@ from dllm_export.jsonio import atomic_directory, check_output, write_json
 
 DTYPES = ("fp32", "fp16", "bf16")
 OUTPUT_KINDS = ("decode", "logits")
-EXPORT_STRATEGIES = ("dense", "sparse", "ort")
+EXPORT_STRATEGIES = ("auto", "dense", "sparse", "ort")
 # From benchmarks/bench_moe_strategies.py on ONNX Runtime CPU: dense is the fastest form
 # TensorRT can parse (sparse pays for gathering expert weights per block), and the one every
 # quantiser handles; `ort` (com.microsoft::MoE) is faster still but ONNX Runtime only.
-DEFAULT_MOE = "dense"
+DEFAULT_MOE = "auto"
+# "auto": dense up to DENSE_EXPERTS experts (the fastest TensorRT-clean form there, and the
+# one every quantiser reaches), the sparse form beyond (it computes only the routed rows:
+# at 256 experts, top-8, dense would compute 32x the routed FLOPs).
+DENSE_EXPERTS = 16
+
+
+def resolve_moe(strategy: str, experts: int) -> str:
+    """The MoE form an export makes (torch-free: plan sizes the same one)."""
+    if strategy != "auto":
+        return strategy
+    return "dense" if experts <= DENSE_EXPERTS else "sparse"
+
+
+def sparse_block(tokens: int, top_k: int, experts: int) -> int:
+    """Rows per expert block of the sparse form for a graph of ``tokens`` tokens: about the
+    routed pairs per expert (a power of two, 1 to 16), so that padding stays small and
+    each block's expert weights are gathered for rows that use them."""
+    per_expert = max(1, tokens * top_k // max(experts, 1))
+    return min(16, 1 << (per_expert.bit_length() - 1))
 LOGITS_GRAPH = "model_logits.onnx"  # same graph and weights, plus the full logits output
 TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -47,7 +66,7 @@ class ExportOptions:
     batch: int = 1
     dtype: str = "fp32"
     moe: str = DEFAULT_MOE
-    moe_block: int = 16
+    moe_block: int | None = None  # sparse rows per expert block; None: per graph (sparse_block)
     outputs: str = "decode"
     opset: int = 18
     topk: int = 8
@@ -201,12 +220,17 @@ def _export_cached(model, head, cached: dict, tmp: Path, options, has_moe, repor
     """Trace every cached graph and point its weights into model.onnx.data."""
     from dllm_export.export.passes import run_passes
     from dllm_export.export.shared_weights import WeightsFile
+    from dllm_export.models import set_moe_strategy
     from dllm_export.models.head import CachedDenoiser
 
     weights = WeightsFile(tmp / "model.onnx")
     dtype = _torch_dtype(options.dtype)
+    blocks = getattr(model, "moe_blocks", lambda: [])()
     for name, spec in cached["specs"].items():
         report("trace", f"{name} graph, {spec.queries} query rows over {spec.capacity} slots")
+        if blocks and options.moe == "sparse" and options.moe_block is None:
+            set_moe_strategy(model, "sparse", sparse_block(
+                options.batch * spec.queries, blocks[0].top_k, len(blocks[0].experts)))
         module = CachedDenoiser(model, head, cached["layers"], with_past=spec.capacity > 0)
         program = _trace(module, _example(spec, dtype), spec, options, has_moe)
         run_passes(program.model)
@@ -222,8 +246,12 @@ def _manifest(checkpoint, options, special, tokenizer, model, canvas, defaults, 
     moe = None
     if moe_blocks:
         first = moe_blocks[0]
-        moe = {"strategy": options.moe,  # the block only where it is used
-               "block": options.moe_block if options.moe == "sparse" else None,
+        strategy = resolve_moe(options.moe, len(first.experts))
+        block = None
+        if strategy == "sparse":  # the canvas graph's block (each cached graph has its own)
+            block = options.moe_block or sparse_block(
+                options.batch * options.seq_len, first.top_k, len(first.experts))
+        moe = {"strategy": strategy, "requested": options.moe, "block": block,
                "experts": len(first.experts), "top_k": first.top_k}
     special_ids = [t for t in (special.eos_id, special.eot_id) if t is not None]
     cache = None
@@ -312,9 +340,13 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
         raise DllmExportError(
             f"--topk {options.topk}: exceeds the vocabulary of {tokenizer.vocab_size} tokens")
     model, _ = load_model(model_dir, dtype=_torch_dtype(options.dtype), progress=on_tensor)
-    has_moe = bool(getattr(model, "moe_blocks", lambda: [])())
+    blocks = getattr(model, "moe_blocks", lambda: [])()
+    has_moe = bool(blocks)
     if has_moe:
-        set_moe_strategy(model, options.moe, options.moe_block)
+        experts, top_k = len(blocks[0].experts), blocks[0].top_k
+        options = dataclasses.replace(options, moe=resolve_moe(options.moe, experts))
+        set_moe_strategy(model, options.moe, options.moe_block or sparse_block(
+            options.batch * options.seq_len, top_k, experts))
     special_ids = tuple(t for t in (special.eos_id, special.eot_id) if t is not None)
     head = DecodeHead(options.topk, special_ids) if options.outputs == "decode" else None
     canvas = contract.canvas_graph(options.batch, options.seq_len, options.topk,

@@ -34,6 +34,7 @@ from pathlib import Path
 from dllm_export.device_profiles import GIB, DeviceProfile, all_profiles
 from dllm_export.errors import DllmExportError, check_at_least
 from dllm_export.export.onnx import DEFAULT_MOE as DEFAULT_MOE_STRATEGY
+from dllm_export.export.onnx import resolve_moe, sparse_block
 from dllm_export.jsonio import read_json
 from dllm_export.model_shape import ModelShape, model_shape
 from dllm_export.precision import (
@@ -51,7 +52,7 @@ from dllm_export.roofline import (
 )
 
 # The exporter's other defaults (export/onnx.py), for plans made from a config alone.
-DEFAULT_MOE_BLOCK, DEFAULT_TOPK, DEFAULT_SPECIALS, DEFAULT_BLOCK = 16, 8, 2, 32
+DEFAULT_TOPK, DEFAULT_SPECIALS, DEFAULT_BLOCK = 8, 2, 32
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class Workload:
     batch: int
     seq_len: int
     moe_strategy: str = DEFAULT_MOE_STRATEGY
-    moe_block: int = DEFAULT_MOE_BLOCK
+    moe_block: int | None = None  # None: per canvas, as the exporter picks
     outputs: str = "decode"
     topk: int = DEFAULT_TOPK
     specials: int = DEFAULT_SPECIALS
@@ -71,6 +72,18 @@ class Workload:
 
     def at(self, seq_len: int) -> "Workload":
         return dataclasses.replace(self, seq_len=seq_len)
+
+    @property
+    def strategy(self) -> str:
+        """The MoE form the export makes (``auto`` resolved as the exporter does)."""
+        return resolve_moe(self.moe_strategy, self.shape.experts)
+
+    @property
+    def block(self) -> int:
+        if self.moe_block:
+            return self.moe_block
+        return sparse_block(self.batch * self.seq_len, self.shape.experts_per_token,
+                            self.shape.experts)
 
 
 @dataclass(frozen=True)
@@ -103,10 +116,10 @@ def moe_rows(tokens: int, work: Workload) -> int:
     expert in turn ("dense"), or exactly tokens x top-k (the fused "ort" op)."""
     shape = work.shape
     pairs = tokens * shape.experts_per_token
-    if work.moe_strategy == "sparse":
-        block = work.moe_block
+    if work.strategy == "sparse":
+        block = work.block
         return math.ceil((pairs + shape.experts * (block - 1)) / block) * block
-    if work.moe_strategy == "dense":
+    if work.strategy == "dense":
         return tokens
     return pairs
 
@@ -126,8 +139,8 @@ def activation_peak(work: Workload, precision: str) -> int:
         rows = moe_rows(tokens, work)
         moe = residual + rows * (shape.hidden + 3 * shape.expert_intermediate) * act
         moe += 3 * tokens * shape.shared_intermediate * act
-        if work.moe_strategy == "sparse":  # expert weights gathered per block of rows
-            moe += rows // work.moe_block * shape.expert_matrices() * act
+        if work.strategy == "sparse":  # expert weights gathered per block of rows
+            moe += rows // work.block * shape.expert_matrices() * act
         phases.append(moe)
     phases.append(tokens * shape.hidden * act + 2 * tokens * shape.vocab * 4)
     io = 2 * tokens * 8  # input_ids and attention_mask, int64
@@ -280,7 +293,7 @@ def _workload(source: PlanSource, profile: DeviceProfile, seq_len, batch,
         batch=source.batch or batch or profile.build.batch,
         seq_len=source.seq_len or seq_len or profile.build.seq_len,
         moe_strategy=moe.get("strategy", DEFAULT_MOE_STRATEGY),
-        moe_block=moe.get("block") or DEFAULT_MOE_BLOCK,
+        moe_block=moe.get("block"),
         outputs=manifest.get("outputs", "decode"),
         topk=manifest.get("topk", DEFAULT_TOPK),
         specials=len(manifest.get("special_ids", [0] * DEFAULT_SPECIALS)),
@@ -348,7 +361,8 @@ def plan_model(source: str | Path, profile: DeviceProfile, precision: str | None
         "decode head",
     ]
     if work.shape.moe_layers:
-        notes.append(f"MoE graph strategy: {work.moe_strategy} (block {work.moe_block})")
+        notes.append(f"MoE graph form: {work.strategy}"
+                     + (f" (block {work.block})" if work.strategy == "sparse" else ""))
     if source.kind == "config":
         notes.append("planned from config.json: quantised precisions need dllm-export "
                      "quantize before build")
