@@ -79,8 +79,13 @@ def test_onnx_autoregressive_decoding_matches_pytorch(family, artifact, tiny_dir
     rule = families.family(family).positions
     prompt = _prompt()[:12]
     want = greedy_decode(torch_gen.backend, prompt, 20, pad_id=0, positions_rule=rule)
+    full = []
+    ort_backend.prefill = lambda *a: full.append(a) or type(ort_backend).prefill(ort_backend, *a)
     got = greedy_decode(ort_backend, prompt, 20, pad_id=0, positions_rule=rule)
     assert got.tokens == want.tokens
+    assert full == []  # a 12-token prompt is one chunk of the window graph, not the canvas
+    long = greedy_decode(ort_backend, _prompt()[:30], 4, pad_id=0, positions_rule=rule)
+    assert len(full) == 1 and len(long.tokens) == 4  # 2 chunks would cover > half the canvas
     with pytest.raises(DllmExportError, match="re-export with a larger --seq-len"):
         greedy_decode(ort_backend, prompt, ARTIFACT_SEQ_LEN, pad_id=0)
 

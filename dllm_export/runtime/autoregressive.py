@@ -28,6 +28,38 @@ class DecodeTimes:
     tokens: list  # greedy ids
 
 
+def _call(backend, canvas, positions, valid, real, first, last, pad_id):
+    """One causal call over canvas positions ``first:last``; writes their keys and values."""
+    rows = backend.rows_for(last - first)
+    count = last - first
+    queries = np.full((1, rows), -1, dtype=np.int64)
+    queries[0, :count] = np.arange(first, last)
+    ids = np.full((1, rows), pad_id, dtype=np.int64)
+    ids[0, :count] = canvas[0, first:last]
+    rope = np.zeros((1, rows), dtype=np.int64)
+    rope[0, :count] = positions[0, first:last]
+    pred = backend.cached_step(ids, rope, cached_mask("causal", queries, valid, real),
+                               write=(0, first, count))
+    valid[0, first:last] = True
+    return pred
+
+
+def _prefill(backend, canvas, positions, valid, real, length: int, pad_id: int) -> int:
+    """The prompt's keys and values and the first token: in chunks of the largest cached
+    graph (as an autoregressive server prefills: the cost grows with the prompt, not the
+    canvas), or with the full-canvas prefill graph when the chunks would cover more than
+    half the canvas anyway."""
+    chunk = backend.max_rows() or length
+    if -(-length // chunk) * chunk > canvas.shape[1] // 2:  # then the canvas is cheaper
+        pred = backend.prefill(canvas, positions, canvas_mask("causal", real))
+        valid[0, :length] = True
+        return int(pred.topk_ids[0, length - 1, 0])
+    for first in range(0, length, chunk):
+        last = min(first + chunk, length)
+        pred = _call(backend, canvas, positions, valid, real, first, last, pad_id)
+    return int(pred.topk_ids[0, last - first - 1, 0])
+
+
 def greedy_decode(backend, prompt: list[int], new_tokens: int, pad_id: int,
                   positions_rule: str = "absolute") -> DecodeTimes:
     """Prefill ``prompt`` (which yields the first token), then one forward per further
@@ -47,7 +79,6 @@ def greedy_decode(backend, prompt: list[int], new_tokens: int, pad_id: int,
             f"autoregressive decoding of {new_tokens} tokens after a {len(prompt)}-token "
             f"prompt needs {len(prompt) + new_tokens} cache slots; the artifact holds "
             f"{capacity} (re-export with a larger --seq-len)")
-    rows = backend.rows_for(1)
     backend.reset_cache(1, capacity)
     canvas = np.full((1, capacity), pad_id, dtype=np.int64)
     canvas[0, : len(prompt)] = prompt
@@ -55,23 +86,14 @@ def greedy_decode(backend, prompt: list[int], new_tokens: int, pad_id: int,
     positions = rope_positions(real, positions_rule)
     valid = np.zeros((1, capacity), dtype=bool)
     started = time.perf_counter()
-    pred = backend.prefill(canvas, positions, canvas_mask("causal", real))
-    token = int(pred.topk_ids[0, len(prompt) - 1, 0])
+    token = _prefill(backend, canvas, positions, valid, real, len(prompt), pad_id)
     prefill = time.perf_counter() - started
-    valid[0, : len(prompt)] = True
     times, out = [], [token]
     # The prefill made the first token; each further one costs one forward.
     for position in range(len(prompt), len(prompt) + new_tokens - 1):
         started = time.perf_counter()
-        ids = np.full((1, rows), pad_id, dtype=np.int64)
-        ids[0, 0] = token
-        queries = np.full((1, rows), -1, dtype=np.int64)
-        queries[0, 0] = position
-        rope = np.zeros((1, rows), dtype=np.int64)
-        rope[0, 0] = positions[0, position]
-        mask = cached_mask("causal", queries, valid, real)
-        pred = backend.cached_step(ids, rope, mask, write=(0, position, 1))
-        valid[0, position] = True
+        canvas[0, position] = token
+        pred = _call(backend, canvas, positions, valid, real, position, position + 1, pad_id)
         token = int(pred.topk_ids[0, 0, 0])
         out.append(token)
         times.append(time.perf_counter() - started)

@@ -80,6 +80,13 @@ class Backend:
                 "--window (prefix) or --block-length")
         return fits[0]
 
+    def max_rows(self) -> int | None:
+        """The most query rows one cached call takes (None: any number)."""
+        rows = [s.queries for s in self.graphs.values() if s.capacity]
+        if not rows:
+            self._no_cache()
+        return max(rows)
+
     def _graph_for(self, rows: int) -> str:
         """The cached graph (with past inputs) of exactly ``rows`` query rows."""
         for name, spec in self.graphs.items():

@@ -52,6 +52,9 @@ class TorchBackend(Backend):
     def rows_for(self, needed: int) -> int:
         return needed  # eager: any number of queries
 
+    def max_rows(self) -> int | None:
+        return None
+
     def _call(self, input_ids, position_ids, attention_mask, past):
         from dllm_export.models.layers import KVCache
 
@@ -71,7 +74,19 @@ class TorchBackend(Backend):
         self.kv = [(k.clone(), v.clone()) for k, v in presents]
         return pred
 
+    def _empty_cache(self, input_ids, position_ids):
+        """Zeros of every layer's cache shape (learnt from a one-token call), for a cached
+        call that comes before any prefill (a chunked prompt)."""
+        torch = self.torch
+        one = np.ones((input_ids.shape[0], 1, 1), dtype=bool)
+        _, presents = self._call(input_ids[:, :1], position_ids[:, :1], one, None)
+        shape = lambda t: (*t.shape[:2], self.capacity, t.shape[3])
+        self.kv = [(torch.zeros(shape(k), dtype=k.dtype, device=k.device),
+                    torch.zeros(shape(v), dtype=v.dtype, device=v.device)) for k, v in presents]
+
     def _run_cached_step(self, input_ids, position_ids, attention_mask, write) -> Prediction:
+        if self.kv is None:
+            self._empty_cache(input_ids, position_ids)
         pred, presents = self._call(input_ids, position_ids, attention_mask, self.kv)
         if write is not None:
             row, slot, count = write
