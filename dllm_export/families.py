@@ -241,8 +241,11 @@ def check_config(entry: Family, config: dict, config_path) -> None:
             raise DllmExportError(f"{config_path}: field '{key}' must list 0 or 1 per layer")
     for key, floor in POSITIVE_FLOATS.items():
         value = config.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and (
-                value < floor or (key == "rope_theta" and value <= floor) or value != value):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DllmExportError(f"{config_path}: field '{key}' = {value!r} must be a number")
+        if value < floor or (key == "rope_theta" and value <= floor) or value != value:
             raise DllmExportError(f"{config_path}: field '{key}' = {value} is out of range")
 
 

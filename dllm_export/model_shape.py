@@ -64,6 +64,11 @@ class ModelShape:
     def total_parameters(self) -> int:
         return self.matrix_parameters() + self.kept_parameters()
 
+    def active_parameters(self) -> int:
+        """Parameters one token passes through: every expert not routed to it left out."""
+        idle = self.moe_layers * (self.experts - self.experts_per_token) * self.expert_matrices()
+        return self.total_parameters() - idle
+
 
 def model_shape(config: dict, family: str | None = None,
                 config_path: Path | str = "config.json") -> ModelShape:

@@ -219,3 +219,18 @@ def test_export_validates_and_runs_the_block_cache_on_onnx_runtime(artifact, tin
         want = denoise(torch_gen.backend, [prompt], run, torch_gen.special,
                        family=families.family("llada2"))
         assert got.sequences.tolist() == want.sequences.tolist(), cache
+
+
+@pytest.mark.skipif(not (REFERENCE / "llada2-mini").is_dir(), reason="no shared reference")
+def test_inspect_answers_from_the_published_config():
+    from click.testing import CliRunner
+
+    from dllm_export.cli import main
+
+    result = CliRunner().invoke(main, ["inspect", str(REFERENCE / "llada2-mini"), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    # 16,255,643,392 tensors in the published checkpoint, less 19 x 256 expert biases
+    assert info["parameters"] == 16_255_638_528
+    assert 1.42e9 < info["active_parameters_per_token"] < 1.44e9
+    assert info["experts"] == {"total": 256, "per_token": 8}
