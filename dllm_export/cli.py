@@ -224,7 +224,11 @@ class _StageProgress:
               help="MoE form in the graph: dense (all experts; TensorRT and every quantiser), "
                    "sparse (routed rows only, lossless expert blocks), ort "
                    "(com.microsoft::MoE: fastest on ONNX Runtime, no TensorRT); auto: dense "
-                   "up to 16 experts, sparse beyond.")
+                   "up to 16 experts, beyond ort for --target onnxruntime, sparse for "
+                   "tensorrt.")
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="Where the graphs will run: picks the MoE form of "
+                                      "--moe auto for models with many experts.")
 @click.option("--moe-block", type=int, default=None,
               help="Rows per expert block (sparse; default: about the routed rows per expert "
                    "of each graph).")
@@ -241,15 +245,15 @@ class _StageProgress:
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check.")
 @click.option("--overwrite", is_flag=True)
 @user_errors
-def export(model_dir, out_dir, seq_len, batch, dtype, moe, moe_block, outputs, topk, opset,
-           cache, block_length, window, no_validate, overwrite):
+def export(model_dir, out_dir, seq_len, batch, dtype, moe, target, moe_block, outputs, topk,
+           opset, cache, block_length, window, no_validate, overwrite):
     """Export a checkpoint to a validated ONNX artifact."""
     from dllm_export.export.onnx import ExportOptions, export_model
 
     options = ExportOptions(seq_len=seq_len, batch=batch, dtype=dtype, moe=moe, moe_block=moe_block,
                             outputs=outputs, topk=topk, opset=opset, validate=not no_validate,
                             overwrite=overwrite, cache=cache, block_length=block_length,
-                            window=window)
+                            window=window, target=target)
     with _StageProgress() as progress:
         manifest = export_model(model_dir, out_dir, options, report=progress)
     _print_export_summary(out_dir, manifest)

@@ -513,7 +513,7 @@ def test_build_refuses_a_graph_tensorrt_cannot_parse(tmp_path):
         {"severity": "error", "node": "model.layers.0.mlp/MoE", "op": "com.microsoft::MoE",
          "reason": "custom-domain op: TensorRT needs a plugin for it"}]}}
     with pytest.raises(DllmExportError, match=r"1 node\(s\) TensorRT cannot parse, e.g. "
-                                              r"model.layers.0.mlp/MoE .*re-export with --moe dense"):
+                                              r"model.layers.0.mlp/MoE .*re-export with --target tensorrt"):
         check_tensorrt_compatible(tmp_path, manifest)
     check_tensorrt_compatible(tmp_path, {"trt_compatibility": {"clean": True, "findings": []}})
 

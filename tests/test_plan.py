@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -284,3 +285,17 @@ def test_resolve_precision_rules():
     with pytest.raises(DllmExportError, match="fp8 needs compute capability 8.9"):
         resolve_precision("fp8", None, orin)
     assert resolve_precision(None, "int4", orin) == "int4"  # from a config: anything it runs
+
+
+def test_moe_auto_picks_the_form_per_target():
+    from dllm_export.export.onnx import DENSE_EXPERTS, resolve_moe
+
+    # few experts: dense everywhere; many: the fused op on ONNX Runtime, the parser-clean
+    # sparse form for TensorRT; an explicit --moe is never second-guessed
+    assert resolve_moe("auto", DENSE_EXPERTS, "tensorrt") == "dense"
+    assert resolve_moe("auto", 64, "onnxruntime") == "ort"
+    assert resolve_moe("auto", 256, "tensorrt") == "sparse"
+    assert resolve_moe("dense", 256, "onnxruntime") == "dense"
+    shape = dataclasses.replace(model_shape(TINY_MOE), experts=64)
+    assert Workload(shape, 1, 4).strategy == "sparse"  # plan's default: a TensorRT device
+    assert Workload(shape, 1, 4, target="onnxruntime").strategy == "ort"

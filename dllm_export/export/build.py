@@ -77,7 +77,8 @@ def check_tensorrt_compatible(artifact_dir: Path, manifest: dict) -> None:
     if not errors:
         return
     first = errors[0]
-    fix = ("re-export with --moe dense (or sparse)" if "com.microsoft" in first["op"]
+    fix = ("re-export with --target tensorrt (or --moe dense / sparse)"
+           if "com.microsoft" in first["op"]
            else "see dllm-export check-trt")
     raise DllmExportError(
         f"{artifact_dir}: {len(errors)} node(s) TensorRT cannot parse, e.g. {first['node']} "

@@ -37,17 +37,22 @@ EXPORT_STRATEGIES = ("auto", "dense", "sparse", "ort")
 # TensorRT can parse (sparse pays for gathering expert weights per block), and the one every
 # quantiser handles; `ort` (com.microsoft::MoE) is faster still but ONNX Runtime only.
 DEFAULT_MOE = "auto"
+TARGETS = ("onnxruntime", "tensorrt")
 # "auto": dense up to DENSE_EXPERTS experts (the fastest TensorRT-clean form there, and the
-# one every quantiser reaches), the sparse form beyond (it computes only the routed rows:
-# at 256 experts, top-8, dense would compute 32x the routed FLOPs).
+# one every quantiser reaches). Beyond, dense computes E/k times the routed FLOPs (32x at
+# 256 experts, top-8), so: ONNX Runtime's fused MoE op for ONNX Runtime targets (LLaDA2
+# with 64 experts, 32 tokens: 5.9 ms against dense 18.1, sparse 24.0; benchmarks/
+# bench_moe_strategies), the parser-clean sparse form (routed rows only) for TensorRT.
 DENSE_EXPERTS = 16
 
 
-def resolve_moe(strategy: str, experts: int) -> str:
+def resolve_moe(strategy: str, experts: int, target: str = "onnxruntime") -> str:
     """The MoE form an export makes (torch-free: plan sizes the same one)."""
     if strategy != "auto":
         return strategy
-    return "dense" if experts <= DENSE_EXPERTS else "sparse"
+    if experts <= DENSE_EXPERTS:
+        return "dense"
+    return "ort" if target == "onnxruntime" else "sparse"
 
 
 def sparse_block(tokens: int, top_k: int, experts: int) -> int:
@@ -72,7 +77,9 @@ class ExportOptions:
     topk: int = 8
     validate: bool = True
     overwrite: bool = False
+    requested_moe: str | None = None  # what --moe said, before auto was resolved
     cache: bool = False  # also the cached graphs (contract.CACHED_GRAPHS)
+    target: str = "onnxruntime"  # what --moe auto picks the MoE form for
     block_length: int | None = None  # step rows; default: the sampler's block length
     window: int | None = None  # prefix-cache rows; default: the sampler's gen_length
 
@@ -85,6 +92,8 @@ class ExportOptions:
             raise DllmExportError(
                 f"--moe {self.moe!r}: choose one of {', '.join(EXPORT_STRATEGIES)} "
                 "(eager has data-dependent shapes and cannot be exported)")
+        if self.target not in TARGETS:
+            raise DllmExportError(f"--target {self.target!r}: choose onnxruntime or tensorrt")
         check_at_least("--seq-len", self.seq_len, 2)
         check_at_least("--batch", self.batch)
         check_at_least("--moe-block", self.moe_block)
@@ -246,13 +255,13 @@ def _manifest(checkpoint, options, special, tokenizer, model, canvas, defaults, 
     moe = None
     if moe_blocks:
         first = moe_blocks[0]
-        strategy = resolve_moe(options.moe, len(first.experts))
+        strategy = options.moe
         block = None
         if strategy == "sparse":  # the canvas graph's block (each cached graph has its own)
             block = options.moe_block or sparse_block(
                 options.batch * options.seq_len, first.top_k, len(first.experts))
-        moe = {"strategy": strategy, "requested": options.moe, "block": block,
-               "experts": len(first.experts), "top_k": first.top_k}
+        moe = {"strategy": strategy, "requested": options.requested_moe, "block": block,
+               "target": options.target, "experts": len(first.experts), "top_k": first.top_k}
     special_ids = [t for t in (special.eos_id, special.eot_id) if t is not None]
     cache = None
     if cached:
@@ -344,7 +353,10 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
     has_moe = bool(blocks)
     if has_moe:
         experts, top_k = len(blocks[0].experts), blocks[0].top_k
-        options = dataclasses.replace(options, moe=resolve_moe(options.moe, experts))
+        options = dataclasses.replace(options, requested_moe=options.moe,
+                                      moe=resolve_moe(options.moe, experts, options.target))
+        report("moe", f"{options.moe} form for {experts} experts (--moe {options.requested_moe},"
+                      f" --target {options.target})")
         set_moe_strategy(model, options.moe, options.moe_block or sparse_block(
             options.batch * options.seq_len, top_k, experts))
     special_ids = tuple(t for t in (special.eos_id, special.eot_id) if t is not None)

@@ -68,6 +68,7 @@ class Workload:
     topk: int = DEFAULT_TOPK
     specials: int = DEFAULT_SPECIALS
     cached: bool = False  # the cached graphs and their key/value cache
+    target: str = "tensorrt"  # the engine library's side of --target
     block_length: int = DEFAULT_BLOCK  # rows of the cached step graph
 
     def at(self, seq_len: int) -> "Workload":
@@ -75,8 +76,9 @@ class Workload:
 
     @property
     def strategy(self) -> str:
-        """The MoE form the export makes (``auto`` resolved as the exporter does)."""
-        return resolve_moe(self.moe_strategy, self.shape.experts)
+        """The MoE form the export makes (``auto`` resolved as the exporter does for the
+        device's engine library)."""
+        return resolve_moe(self.moe_strategy, self.shape.experts, self.target)
 
     @property
     def block(self) -> int:
@@ -298,6 +300,7 @@ def _workload(source: PlanSource, profile: DeviceProfile, seq_len, batch,
         topk=manifest.get("topk", DEFAULT_TOPK),
         specials=len(manifest.get("special_ids", [0] * DEFAULT_SPECIALS)),
         cached=bool(manifest.get("cache")) or cache,
+        target="onnxruntime" if profile.engine_library == "onnxruntime" else "tensorrt",
         block_length=(manifest.get("cache") or {}).get("block_length")
         or block_length or DEFAULT_BLOCK,
     )
