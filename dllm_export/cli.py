@@ -235,9 +235,11 @@ class _StageProgress:
 @click.option("--outputs", default="decode", show_default=True, type=click.Choice(["decode", "logits"]))
 @click.option("--topk", default=8, show_default=True, help="Candidates per position in the decode head.")
 @click.option("--opset", default=18, show_default=True)
-@click.option("--cache", is_flag=True,
+@click.option("--cache/--no-cache", default=None,
               help="Also export the cached graphs (prefill, step, window, decode) for "
-                   "run --cache prefix|dual|block and the autoregressive baseline.")
+                   "run --cache prefix|dual|block and the autoregressive baseline "
+                   "(default: on for block-causal families such as LLaDA2, which only "
+                   "they decode; implied by --block-length / --window).")
 @click.option("--block-length", type=int, default=None,
               help="Query rows of the step graph (default: the sampler's block length).")
 @click.option("--window", type=int, default=None,

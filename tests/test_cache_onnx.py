@@ -152,8 +152,15 @@ def test_cli_cache_modes_and_refusals(artifact, tiny_dir, tmp_path):
     assert "--cache dual: this onnxruntime backend has no cached graphs; export with --cache" \
         in result.output
     result = runner.invoke(main, ["export", str(tiny_dir("llada")), "-o", str(tmp_path / "x"),
-                                  "--block-length", "8"])
-    assert result.exit_code == 1 and "add --cache" in result.output
+                                  "--block-length", "8", "--no-cache"])
+    assert result.exit_code == 1 and "drop --no-cache" in result.output
+    result = runner.invoke(main, ["export", str(tiny_dir("llada2")), "-o", str(tmp_path / "y"),
+                                  "--no-cache"])
+    assert result.exit_code == 1
+    assert result.output.strip().endswith(
+        "--no-cache: llada2 attends block-causal, which only the cached graphs compute; "
+        "drop --no-cache")
+    assert not (tmp_path / "y").exists()
 
 
 def test_a_graph_that_does_not_match_its_spec_is_refused(artifact, tmp_path):

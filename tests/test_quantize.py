@@ -30,7 +30,7 @@ pytest.importorskip(
 )
 
 SEQ_LEN = 128
-FAMILIES = ("llada", "llada-moe", "dream")
+FAMILIES = ("llada", "llada-moe", "dream", "llada2")
 # Random weights: masked top-1 agreement of a sound INT8 run is 0.9-1.0 at every ratio there,
 # while INT4's worst ratio (few positions at ratio 0.1 with 4 problems per task) went as low
 # as 0.25; temperature-0 generations diverge after the first flipped tie.
@@ -96,7 +96,9 @@ def test_int8_and_int4_artifacts_run_and_generate(
         assert "jetson-orin-nano-8gb" in quant["runs_on"]
     else:
         assert quant["runs_on"] == ["cpu"]  # MatMulNBits: ONNX Runtime only
-    if family == "llada-moe":
+    if family == "llada2":  # block-causal: the cached graphs come without --cache
+        assert set(manifest["cache"]["graphs"]) == {"prefill", "step", "window", "decode"}
+    if family in ("llada-moe", "llada2"):
         experts = quant["calibration"]["experts"] if quant["calibration"] else None
         assert precision == "int4" or experts["uncalibrated"] == []
         assert "router" in quant["excluded"].values()
@@ -106,7 +108,7 @@ def test_int8_and_int4_artifacts_run_and_generate(
     assert len(out_text.tokens[0]) <= 8 and out_text.forwards >= 1
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["llada", "llada-moe", "dream"])  # not block-causal
 @pytest.mark.parametrize("method", ["modelopt-max", "awq_clip"])
 def test_modelopt_fp8_and_int4_when_available(method, family, float_artifact, tmp_path):
     reason = modelopt_backend.unavailable_reason()
@@ -199,19 +201,27 @@ def test_refusals_are_one_line(float_artifact, tmp_path):
         ],
     )
     assert result.exit_code == 1 and "calibration data is empty" in result.output
+    with pytest.raises(DllmExportError, match=(
+            r"^--method modelopt-max: ModelOpt quantises the canvas graph only, and llada2 "
+            r"decodes through the cached graphs; use an ONNX Runtime method")):
+        quantize_artifact(float_artifact("llada2"), tmp_path / "z",
+                          QuantizeOptions(precision="fp8", method="modelopt-max"))
+    assert not (tmp_path / "z").exists()
     sparse = float_artifact("llada-moe", "sparse")
     with pytest.raises(DllmExportError, match="re-export with --moe dense"):
         quantize_artifact(sparse, tmp_path / "y", QuantizeOptions(precision="int8"))
 
 
+@pytest.mark.parametrize("family", ["llada-moe", "llada2"])
 @pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_qmoe_for_ort_moe_artifacts(precision, float_artifact, tmp_path):
-    """--moe ort artifacts: MoE nodes become QMoE, the other linear layers MatMulNBits."""
+def test_qmoe_for_ort_moe_artifacts(precision, family, float_artifact, tmp_path):
+    """--moe ort artifacts (LLaDA2's default on ONNX Runtime): MoE nodes become QMoE, the
+    other linear layers MatMulNBits."""
     import onnx
 
     out = tmp_path / precision
     manifest = quantize_artifact(
-        float_artifact("llada-moe", "ort"), out, fast(precision)
+        float_artifact(family, "ort"), out, fast(precision)
     )
     assert manifest["valid"] is True
     assert manifest["quantization"]["method"] == "qmoe"

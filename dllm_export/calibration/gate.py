@@ -161,18 +161,23 @@ def run_gate(
     float_model, candidate, bars: GateBars, settings: GateSettings, progress=None
 ) -> dict:
     """Compare ``candidate`` with ``float_model`` (both ``EvalModel``) and judge it.
+    Block-causal models generate with their block cache (the only way they decode).
 
     Returns:
         ``{"passed", "bars", "checks": [...], "report": <harness report>}``.
     """
     from dllm_export.eval.harness import EvalOptions, evaluate
 
+    cache = float_model.generator.backend.manifest.get("cache") or {}
+    sampler = (_cached_sampler(float_model, settings.samples)[1]
+               if cache.get("attention", "bidirectional") != "bidirectional"
+               else _fitting_sampler(float_model, settings.samples))
     options = EvalOptions(
         samples=settings.samples,
         ratios=RATIOS,
         mc_num=settings.mc_num,
         mc_batch=min(settings.mc_num, 16),
-        sampler=_fitting_sampler(float_model, settings.samples),
+        sampler=sampler,
     )
     report = evaluate(float_model, other=candidate, options=options, progress=progress)
     verdict = judge(report, bars, settings.judge_tasks)
@@ -201,7 +206,10 @@ def _cached_sampler(float_model, samples: int) -> tuple[str, dict]:
         gen = gen // block * block
     else:
         block = gen
-    return mode, {"algorithm": "llada", "gen_length": gen, "steps": gen,
+    # LLaDA's schedule decodes blocks for every family (Dream's own sampler does not);
+    # LLaDA2 keeps its own threshold sampler
+    algorithm = "llada2" if generator.defaults.algorithm == "llada2" else "llada"
+    return mode, {"algorithm": algorithm, "gen_length": gen, "steps": gen,
                   "block_length": block, "cache": mode}
 
 

@@ -170,6 +170,12 @@ def _quantize_graph(
     return {}
 
 
+def _block_causal(manifest: dict) -> bool:
+    """Decoded only through the cached graphs (runtime/cache.py: the canvas graph attends
+    bidirectionally)."""
+    return (manifest.get("cache") or {}).get("attention", "bidirectional") != "bidirectional"
+
+
 def _candidate_backend(directory: Path, manifest: dict, logits_file: str):
     import onnx
 
@@ -336,8 +342,12 @@ def _gate(tmp: Path, manifest, artifact_dir, options, bars, path: str, report) -
     from dllm_export.eval.models import EvalModel
 
     float_model = EvalModel.open(artifact_dir)
+    if _block_causal(manifest):  # generation runs through the cached graphs only
+        from dllm_export.runtime.backends.onnxruntime import OrtBackend
 
-    candidate, note = _candidate_backend(tmp, manifest, "model_logits.onnx")
+        candidate, note = OrtBackend(tmp, manifest, logits=True), None
+    else:
+        candidate, note = _candidate_backend(tmp, manifest, "model_logits.onnx")
     settings = GateSettings(
         samples=options.gate_samples,
         mc_num=options.gate_mc_num,
@@ -352,7 +362,7 @@ def _gate(tmp: Path, manifest, artifact_dir, options, bars, path: str, report) -
     )
     verdict["evaluation"] = note or "ONNX Runtime CPU on the quantised graph"
     candidate.close()
-    if manifest.get("cache"):
+    if manifest.get("cache") and not _block_causal(manifest):
         from dllm_export.calibration.gate import run_cached_gate
         from dllm_export.runtime.backends.onnxruntime import OrtBackend
 
@@ -392,6 +402,11 @@ def quantize_artifact(
     )
     _check_moe(artifact_dir, source, method)
     bars = DEFAULT_BARS[options.precision].updated(**options.bars)
+    if _block_causal(source) and method.backend == "modelopt":
+        raise DllmExportError(
+            f"--method {method.name}: ModelOpt quantises the canvas graph only, and "
+            f"{source['family']} decodes through the cached graphs; use an ONNX Runtime "
+            "method (minmax, nbits, qmoe)")
     if method.backend == "modelopt":
         _require_modelopt(method, options.install_modelopt, report)
     calibration = (

@@ -78,7 +78,9 @@ class ExportOptions:
     validate: bool = True
     overwrite: bool = False
     requested_moe: str | None = None  # what --moe said, before auto was resolved
-    cache: bool = False  # also the cached graphs (contract.CACHED_GRAPHS)
+    # also the cached graphs (contract.CACHED_GRAPHS); None: only where the family needs
+    # them (block-causal attention, which only the cached graphs compute)
+    cache: bool | None = None
     target: str = "onnxruntime"  # what --moe auto picks the MoE form for
     block_length: int | None = None  # step rows; default: the sampler's block length
     window: int | None = None  # prefix-cache rows; default: the sampler's gen_length
@@ -107,9 +109,21 @@ class ExportOptions:
             if value is not None and not 1 <= value < self.seq_len:
                 raise DllmExportError(
                     f"{flag} {value}: must be at least 1 and below --seq-len {self.seq_len}")
-        if (self.block_length or self.window) and not self.cache:
+        if (self.block_length or self.window) and self.cache is False:
             raise DllmExportError("--block-length and --window size the cached graphs: "
-                                  "add --cache")
+                                  "drop --no-cache")
+
+
+def _needs_cache(family: str, options: ExportOptions) -> bool:
+    """--cache resolved: on by default where the family does not attend bidirectionally."""
+    rule = families.family(family).attention
+    if rule == "bidirectional":
+        return bool(options.cache or options.block_length or options.window)
+    if options.cache is False:
+        raise DllmExportError(
+            f"--no-cache: {family} attends {rule.replace('_', '-')}, which only the cached "
+            "graphs compute; drop --no-cache")
+    return True
 
 
 def _torch_dtype(name: str):
@@ -330,6 +344,7 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
     out_dir = Path(out_dir)
     check_output(out_dir, (model_dir,), options.overwrite)  # before anything loads
     checkpoint = open_checkpoint(model_dir)
+    options = dataclasses.replace(options, cache=_needs_cache(checkpoint.family, options))
     limit = _max_positions(checkpoint.config)
     if limit and options.seq_len > limit:
         raise DllmExportError(
