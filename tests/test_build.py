@@ -225,6 +225,13 @@ def test_build_refuses_invalid_artifacts_and_cpu_profiles(tmp_path, no_tensorrt)
         build_engine(good, load_profile("cpu"), tmp_path / "e", BuildOptions())
     with pytest.raises(DllmExportError, match="--via 'trt'"):
         build_engine(good, load_profile("h100-sxm"), tmp_path / "e", BuildOptions(via="trt"))
+    manifest = json.loads((good / "manifest.json").read_text())
+    manifest.update(family="llada2", cache={"attention": "block_causal", "graphs": {}})
+    (good / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DllmExportError, match=r"^--no-cache: llada2 attends block-causal, which "
+                                              r"only the cached graphs' engines compute"):
+        build_engine(good, load_profile("h100-sxm"), tmp_path / "e", BuildOptions(cache=False))
+    assert not (tmp_path / "e").exists()
 
 
 def test_ort_trt_path_needs_the_tensorrt_provider(tmp_path):

@@ -197,6 +197,11 @@ def build_engine(artifact_dir, profile: DeviceProfile, out_dir, options: BuildOp
                               f"engine: run the artifact directly (dllm-export run {artifact_dir})")
     manifest = read_artifact(artifact_dir)
     if not options.cache:
+        rule = (manifest.get("cache") or {}).get("attention", "bidirectional")
+        if rule != "bidirectional":
+            raise DllmExportError(
+                f"--no-cache: {manifest['family']} attends {rule.replace('_', '-')}, which "
+                "only the cached graphs' engines compute; drop --no-cache")
         manifest = {**manifest, "cache": None}
     plan = plan_model(artifact_dir, profile, precision=options.precision)
     graphs = (manifest.get("cache") or {}).get("graphs") or {}
