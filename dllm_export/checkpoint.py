@@ -113,15 +113,21 @@ def _weight_map(directory: Path) -> dict[str, str]:
     )
 
 
-def open_checkpoint(directory: str | Path) -> Checkpoint:
-    """Read and check a checkpoint directory's metadata (no tensors are loaded)."""
-    directory = Path(directory)
+def read_config(directory: Path) -> tuple[dict, str]:
+    """config.json of a checkpoint directory, checked against its family: (config, family)."""
     if not directory.is_dir():
         raise DllmExportError(f"{directory}: not a directory")
     config_path = directory / "config.json"
     config = read_json(config_path, "the model configuration")
     family = detect_family(config, config_path)
     check_config(families.family(family), config, config_path)
+    return config, family
+
+
+def open_checkpoint(directory: str | Path) -> Checkpoint:
+    """Read and check a checkpoint directory's metadata (no tensors are loaded)."""
+    directory = Path(directory)
+    config, family = read_config(directory)
     gen_path = directory / "generation_config.json"
     generation_config = read_json(gen_path) if gen_path.is_file() else {}
     return Checkpoint(

@@ -12,11 +12,10 @@ from dllm_export.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
     open_checkpoint,
+    read_config,
     read_safetensors_header,
     resolve_special_tokens,
 )
-from dllm_export.errors import DllmExportError
-from dllm_export.families import check_config, detect_family, family
 from dllm_export.jsonio import read_json
 from dllm_export.model_shape import model_shape
 
@@ -32,13 +31,8 @@ def inspect_checkpoint(model_dir) -> dict:
     from dllm_export.runtime.tokenizer import TextTokenizer
 
     directory = Path(model_dir)
-    if not directory.is_dir():
-        raise DllmExportError(f"{directory}: not a directory")
-    config_path = directory / "config.json"
-    config = read_json(config_path, "the model configuration")
-    name = detect_family(config, config_path)
-    check_config(family(name), config, config_path)
-    shape = model_shape(config, name, config_path)
+    config, name = read_config(directory)
+    shape = model_shape(config, name, directory / "config.json")
     has_weights = (directory / SINGLE_FILE).is_file() or (directory / INDEX_FILE).is_file()
     info = {
         "family": name,

@@ -4,6 +4,7 @@
     python scripts/gpu_checks.py profile OUT_DIR            # a profile for this GPU
     python scripts/gpu_checks.py compare ARTIFACT ENGINE    # decode head vs ONNX Runtime CPU
     python scripts/gpu_checks.py generate ARTIFACT ENGINE   # end to end, greedy
+    python scripts/gpu_checks.py cached ARTIFACT ENGINE     # every cache mode vs ORT CPU
     python scripts/gpu_checks.py time CHECKPOINT ENGINE PROFILE  # step vs PyTorch CUDA
 """
 
@@ -120,6 +121,27 @@ def generate(artifact: str, engine: str) -> None:
          ort_cpu_tokens_per_second=ort.stats()["tokens_per_second"])
 
 
+def cached(artifact: str, engine: str) -> None:
+    """Every cache mode the artifact offers, greedy, on the engine (its cached graphs' engines
+    and the device-resident cache) against ONNX Runtime CPU: tokens, forwards, tokens/s."""
+    from dllm_export.runtime import Generator
+
+    trt, ort = Generator.from_artifact(engine), Generator.from_artifact(artifact)
+    cache = trt.backend.manifest["cache"]
+    block = cache["block_length"]
+    settings = dict(gen_length=2 * block, steps=2 * block, block_length=block, temperature=0.0)
+    modes = {}
+    for mode in cache["modes"]:
+        got = trt.generate("What is 12 + 34?", cache=mode, **settings)
+        want = ort.generate("What is 12 + 34?", cache=mode, **settings)
+        modes[mode] = {"same_tokens_as_ort_cpu": got.tokens[0] == want.tokens[0],
+                       "forwards": got.forwards,
+                       "tokens_per_second": got.stats()["tokens_per_second"],
+                       "ort_cpu_tokens_per_second": want.stats()["tokens_per_second"]}
+    emit("cached", ok=all(m["forwards"] for m in modes.values()), engine=engine,
+         precision=trt.backend.manifest["precision"], block_length=block, modes=modes)
+
+
 def _median_ms(fn, warmup: int = 3, repeats: int = 20) -> float:
     for _ in range(warmup):
         fn()
@@ -169,7 +191,7 @@ def time_step(checkpoint: str, engine: str, profile_name: str) -> None:
 if __name__ == "__main__":
     command, *args = sys.argv[1:] or ["env"]
     handlers = {"env": env, "profile": profile, "compare": compare, "generate": generate,
-                "time": time_step}
+                "cached": cached, "time": time_step}
     try:
         handlers[command](*args)
     except Exception as err:  # one failed check must not hide the others

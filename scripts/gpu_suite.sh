@@ -8,8 +8,9 @@
 #   DEFAULT_MODEL_DIR=path bash scripts/gpu_suite.sh   # and the default model
 #
 # What it checks (docs/gpu-validation.md): the GPU tests in tests/test_build.py; for each
-# family, make-tiny -> export -> build (fp32 and fp16) -> decode head vs ONNX Runtime CPU on
-# the same canvases -> generation end to end -> step time against PyTorch on CUDA; and the
+# family, make-tiny -> export (with the cached graphs) -> build (fp32 and fp16) -> decode head
+# vs ONNX Runtime CPU on the same canvases -> generation end to end, and per cache mode ->
+# step time against PyTorch on CUDA; and the
 # ONNX Runtime TensorRT-provider path when that provider is present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,7 +60,7 @@ fi
 run pytest_gpu $PY -m pytest -q -m gpu tests/test_build.py -p no:cacheprovider
 
 models=()
-for family in llada llada-moe dream; do
+for family in llada llada-moe dream llada2; do
     run "make_tiny_$family" $CLI make-tiny "$WORK/$family" --family "$family" && models+=("$family:$WORK/$family")
 done
 if [ -n "${DEFAULT_MODEL_DIR:-}" ]; then models+=("default:$DEFAULT_MODEL_DIR"); fi
@@ -67,7 +68,8 @@ if [ -n "${DEFAULT_MODEL_DIR:-}" ]; then models+=("default:$DEFAULT_MODEL_DIR");
 for entry in "${models[@]}"; do
     name=${entry%%:*}; checkpoint=${entry#*:}
     artifact="$WORK/$name-onnx"
-    run "export_$name" $CLI export "$checkpoint" -o "$artifact" --seq-len "$SEQ_LEN" || continue
+    run "export_$name" $CLI export "$checkpoint" -o "$artifact" --seq-len "$SEQ_LEN" \
+        --cache --block-length 16 --window 32 --target tensorrt || continue
     [ -n "$PROFILE" ] || continue  # no GPU profile: nothing to build
     for precision in fp32 fp16; do
         engine="$WORK/$name-trt-$precision"
@@ -75,6 +77,7 @@ for entry in "${models[@]}"; do
             --precision "$precision" || continue
         run "compare_${name}_$precision" $PY scripts/gpu_checks.py compare "$artifact" "$engine"
         run "generate_${name}_$precision" $PY scripts/gpu_checks.py generate "$artifact" "$engine"
+        run "cached_${name}_$precision" $PY scripts/gpu_checks.py cached "$artifact" "$engine"
         run "time_${name}_$precision" $PY scripts/gpu_checks.py time "$checkpoint" "$engine" "$PROFILE"
     done
     if $PY -c "import onnxruntime as o, sys; sys.exit('TensorrtExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then

@@ -221,3 +221,28 @@ def block_causal_bias(length: int, block: int) -> torch.Tensor:
     blocks = torch.arange(length) // block
     keep = blocks[None, :] <= blocks[:, None]
     return torch.zeros(length, length).masked_fill(~keep, float("-inf"))[None, None]
+
+
+class PositionBiased(torch.nn.Module):
+    """A tiny model plus a fixed logit bias per (query position, token), never the mask
+    token: canvas and cached calls add the same bias to the same position's row, so the
+    confidences spread and near-ties stay away from exact-token comparisons. ``scale``
+    None: a random spread of 0.5 to 1.25 per position; a number: that scale everywhere
+    (4 makes confidences run from near 0 to near 1, so thresholds and edits are hit)."""
+
+    def __init__(self, model, mask_id, seed, rows=256, scale=None):
+        super().__init__()
+        self.inner = model
+        self.shift_logits = model.shift_logits
+        generator = torch.Generator().manual_seed(seed)
+        vocab = getattr(model.args, "embedding_size", None) or model.args.vocab_size
+        spread = (0.5 + 0.75 * torch.rand(rows, 1, generator=generator) if scale is None
+                  else scale)
+        self.bias = spread * torch.randn((rows, vocab), generator=generator)
+        self.bias[:, mask_id] = -100.0
+
+    def forward(self, input_ids, attention_mask=None, positions=None, visible=None, cache=None):
+        logits = self.inner(input_ids, attention_mask, positions, visible, cache)
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
+        return logits + self.bias[positions]

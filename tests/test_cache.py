@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import reference_samplers as ref
 import torch
-from references import causal_reference
+from references import PositionBiased, causal_reference
 
 from dllm_export import families
 from dllm_export.models.head import canvas_logits
@@ -40,27 +40,6 @@ PROMPT = [5, 17, 42, 99, 120, 7]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-class PositionBiased(torch.nn.Module):
-    """A tiny model plus a fixed logit bias per (query position, token), never the mask
-    token: canvas and cached calls add the same bias to the same position's row."""
-
-    def __init__(self, model, mask_id, longest=256):
-        super().__init__()
-        self.inner = model
-        self.shift_logits = model.shift_logits
-        generator = torch.Generator().manual_seed(11)
-        vocab = model.args.vocab_size if hasattr(model.args, "vocab_size") else None
-        vocab = getattr(model.args, "embedding_size", None) or vocab
-        spread = 0.5 + 0.75 * torch.rand(longest, 1, generator=generator)
-        self.bias = spread * torch.randn((longest, vocab), generator=generator)
-        self.bias[:, mask_id] = -100.0
-
-    def forward(self, input_ids, attention_mask=None, positions=None, visible=None, cache=None):
-        logits = self.inner(input_ids, attention_mask, positions, visible, cache)
-        if positions is None:
-            positions = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
-        return logits + self.bias[positions]
-
 
 class Setup:
     def __init__(self, family, tiny_model):
@@ -75,7 +54,7 @@ class Setup:
                                         tokenizer, Path(checkpoint.directory))
         pad = tokens.pad_id if tokens.pad_id is not None else tokens.eos_id
         self.special = Special(tokens.mask_id, tokens.eos_id, tokens.eot_id, pad)
-        self.model = PositionBiased(model, tokens.mask_id)
+        self.model = PositionBiased(model, tokens.mask_id, seed=11)
         self.family = families.family(family)
         self.backend = TorchBackend(self.model, (tokens.eos_id, tokens.eot_id))
 

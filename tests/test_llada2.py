@@ -17,7 +17,12 @@ import numpy as np
 import pytest
 import reference_samplers as ref
 import torch
-from references import block_causal_bias, deepseek_v3_moe, llada2_reference_logits
+from references import (
+    PositionBiased,
+    block_causal_bias,
+    deepseek_v3_moe,
+    llada2_reference_logits,
+)
 
 from dllm_export import families
 from dllm_export.models.moe import sigmoid_group_topk
@@ -101,24 +106,6 @@ def test_family_matches_the_reference_forward(rule, llada2):
     assert (ours - theirs).abs().max().item() < PARITY_ATOL
 
 
-class Biased(torch.nn.Module):
-    """The tiny model with a strong fixed logit bias per position (never the mask token),
-    so that confidences spread from near 0 to near 1 and thresholds and edits are hit."""
-
-    def __init__(self, model, mask_id, scale=4.0):
-        super().__init__()
-        self.inner, self.shift_logits = model, False
-        generator = torch.Generator().manual_seed(5)
-        self.bias = scale * torch.randn(128, model.args.vocab_size, generator=generator)
-        self.bias[:, mask_id] = -100.0
-
-    def forward(self, input_ids, attention_mask=None, positions=None, visible=None, cache=None):
-        logits = self.inner(input_ids, attention_mask, positions, visible, cache)
-        if positions is None:
-            positions = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
-        return logits + self.bias[positions]
-
-
 def _setup(tiny_dir, llada2, scale=4.0):
     from dllm_export.checkpoint import resolve_special_tokens
     from dllm_export.runtime.tokenizer import TextTokenizer
@@ -127,7 +114,7 @@ def _setup(tiny_dir, llada2, scale=4.0):
     tokens = resolve_special_tokens(checkpoint.config, checkpoint.generation_config,
                                     TextTokenizer(tiny_dir("llada2")), tiny_dir("llada2"))
     special = Special(tokens.mask_id, tokens.eos_id, tokens.eot_id, tokens.eos_id)
-    return Biased(model, tokens.mask_id, scale), special
+    return PositionBiased(model, tokens.mask_id, seed=5, rows=128, scale=scale), special
 
 
 PROMPT = [5, 17, 42, 99, 120, 7]  # 6 tokens: the first block holds the prompt and 2 masks

@@ -1,8 +1,10 @@
 """Calibration states for the cached graphs: the inputs each one meets in cached decoding.
 
-The float artifact decodes the calibration prompts in every cache mode its graphs serve
-(``prefix``: prefill and window; ``dual``: prefill and step; ``block``: prefill, step and
-the commits) and autoregressively (decode), and the backend's ``on_feeds`` hook records
+The float artifact decodes the calibration prompts in every cache mode its family decodes
+with (``prefix``: prefill and window; ``dual``: prefill and step; ``block``: prefill, step
+and the commits; for a block-causal family also ``none``, which runs the cached graphs
+too), with the family's block sampler (LLaDA2's own, else LLaDA's), and autoregressively
+(decode), and the backend's ``on_feeds`` hook records
 every cached call's inputs, the cache it attended to included. Each graph keeps up to
 ``samples`` of its states, spread evenly over what was recorded, so a quantised step graph
 is calibrated on steps and not on canvases.
@@ -16,7 +18,6 @@ from dllm_export import families
 from dllm_export.runtime.autoregressive import greedy_decode
 from dllm_export.runtime.generate import denoise
 
-MODES = ("prefix", "dual", "block")
 DECODE_TOKENS = 8
 
 
@@ -42,8 +43,12 @@ def cached_graph_states(backend, generator, prompts: list[list[int]], samples: i
     block = cache["block_length"]
     family = families.family(generator.family)
     gen = max(block, min(generator.defaults.gen_length, cache["window"]) // block * block)
-    config = generator.defaults.updated(algorithm="llada", gen_length=gen, steps=gen,
+    algorithm = "llada2" if generator.defaults.algorithm == "llada2" else "llada"
+    config = generator.defaults.updated(algorithm=algorithm, gen_length=gen, steps=gen,
                                         block_length=block, early_exit=False)
+    # "none" reaches the cached graphs only under a block-causal rule
+    modes = [mode for mode in cache["modes"]
+             if mode != "none" or cache["attention"] != "bidirectional"]
     recorded: dict[str, list[dict]] = {name: [] for name in backend.graphs}
     backend.on_feeds = lambda name, feeds: recorded[name].append(feeds)
     room = backend.seq_len - gen
@@ -52,7 +57,7 @@ def cached_graph_states(backend, generator, prompts: list[list[int]], samples: i
             if all(len(states) >= 2 * samples for states in recorded.values()):
                 break
             progress("calibration", f"cached graphs: prompt {index + 1}/{len(prompts)}")
-            for mode in MODES:
+            for mode in modes:
                 denoise(backend, [prompt[-room:]], config.updated(cache=mode),
                         generator.special, family=family)
             tail = prompt[-(backend.seq_len - DECODE_TOKENS):]
