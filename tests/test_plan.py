@@ -246,8 +246,9 @@ def test_cli_plan_for_the_real_config(tmp_path):
 
 @needs_reference
 def test_unsupported_family_is_said_clearly():
-    with pytest.raises(DllmExportError, match="model_type 'zaya' is not a supported family"):
-        plan_model(REFERENCE / "zaya1-8b", load_profile("h100-sxm"))
+    with pytest.raises(DllmExportError,
+                       match="model_type 'diffusion_gemma' is not a supported family"):
+        plan_model(REFERENCE / "diffusiongemma-26b-a4b", load_profile("h100-sxm"))
 
 
 def write_artifact(directory: Path, config: dict, precision="int4", seq_len=128) -> Path:

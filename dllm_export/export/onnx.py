@@ -248,13 +248,14 @@ def _cached_specs(checkpoint, options: ExportOptions, defaults, special_count: i
             f"--block-length {block} / --window {window} (+{shift} for a shifted family) do "
             f"not fit --seq-len {length}")
     specs = {}
-    for name in contract.CACHED_GRAPHS:
+    for name in entry.cached_graphs:
         rows = contract.cached_rows(name, length, block, window, shift)
         specs[name] = contract.cached_graph(
             name, options.batch, rows, length, shape.layers, shape.kv_heads, shape.head_dim,
-            TORCH_DTYPE_NAMES[options.dtype], options.topk, special_count)
+            TORCH_DTYPE_NAMES[options.dtype], options.topk, special_count, shape.cache_kinds())
     return {"block_length": block, "window": window, "shift": shift, "specs": specs,
-            "layers": shape.layers, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim}
+            "layers": shape.layers, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim,
+            "kinds": [kind for kind, _, _ in shape.cache_kinds()]}
 
 
 def _export_cached(model, head, cached: dict, tmp: Path, options, has_moe, report) -> None:
@@ -301,7 +302,7 @@ def _manifest(checkpoint, options, special, tokenizer, model, canvas, defaults, 
     if cached:
         cache = {
             "capacity": options.seq_len, "layout": contract.CACHE_LAYOUT,
-            "kinds": list(contract.CACHE_KINDS), "stored": "after RoPE",
+            "kinds": cached["kinds"], "stored": "after RoPE",
             "dtype": TORCH_DTYPE_NAMES[options.dtype], "layers": cached["layers"],
             "kv_heads": cached["kv_heads"], "head_dim": cached["head_dim"],
             "block_length": cached["block_length"], "window": cached["window"],
@@ -406,6 +407,8 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
     defaults = fit_generation_defaults(
         sampler_defaults(checkpoint.family, checkpoint.generation_config), options.seq_len)
     cached = _cached_specs(checkpoint, options, defaults, len(special_ids)) if options.cache else None
+    if cached and "draft" in cached["specs"]:  # draft-and-verify drafts the exported block
+        defaults = dataclasses.replace(defaults, block_length=cached["block_length"])
     manifest = _manifest(checkpoint, options, special, tokenizer, model, canvas, defaults, cached)
     with atomic_directory(out_dir, overwrite=options.overwrite, inputs=(model_dir,)) as tmp:
         report("save", "model.onnx + external data")

@@ -236,10 +236,14 @@ class OrtBackend(Backend):
     def _run_cached_step(self, input_ids, position_ids, attention_mask, write) -> Prediction:
         name = self._graph_for(input_ids.shape[1])
         pred, outputs, spec = self._run_bound(name, input_ids, position_ids, attention_mask)
+        self._last_outputs = outputs
         if write is not None:
-            row, slot, count = write
-            for cache_name, (array, _) in self.cache_arrays.items():
-                new = outputs["present_" + cache_name][:, :, row:row + count]
-                array[:, :, slot:slot + count] = new
-                self.bytes_moved["cache_writes"] += new.nbytes
+            self.commit(write)
         return pred
+
+    def commit(self, write) -> None:
+        row, slot, count = write
+        for cache_name, (array, _) in self.cache_arrays.items():
+            new = self._last_outputs["present_" + cache_name][:, :, row:row + count]
+            array[:, :, slot:slot + count] = new
+            self.bytes_moved["cache_writes"] += new.nbytes
