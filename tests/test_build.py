@@ -12,7 +12,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from fake_tensorrt import TRT10, TRT11, DataType  # noqa: E402
+from fake_tensorrt import TRT10, TRT11
+from trt_fixtures import (
+    VERSION_IDS,
+    VERSIONS,
+    install_stand_ins,
+    versioned,
+    write_artifact,
+)
 
 from dllm_export.cli import main
 from dllm_export.device_profiles import all_profiles, load_profile
@@ -39,31 +46,22 @@ from dllm_export.runtime.backends.tensorrt import (
 )
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-TINY = {"model_type": "llada", "d_model": 64, "n_heads": 4, "n_layers": 2,
-        "mlp_hidden_size": 192, "vocab_size": 300}
 
 
-def write_artifact(directory: Path, config: dict = TINY, precision: str = "fp32",
-                   valid: bool = True, seq_len: int = 64, dtype: str = "fp32") -> Path:
-    directory.mkdir(parents=True)
-    manifest = {
-        "format": "dllm-export", "format_version": 1, "kind": "onnx", "family": "llada",
-        "source": {"checkpoint": "/ckpt", "fingerprint": "abc", "config": config},
-        "graph": {"file": "model.onnx", "data": "model.onnx.data", "opset": 18},
-        "shapes": {"batch": 1, "seq_len": seq_len}, "dtype": dtype, "precision": precision,
-        "vocab_size": config["vocab_size"], "special_tokens": {"mask_id": 0, "eos_id": 1},
-        "special_ids": [1], "topk": 8, "outputs": "decode", "shift_logits": False,
-        "moe": None, "generation_defaults": {"algorithm": "llada"},
-        "inputs": [{"name": "input_ids", "shape": [1, seq_len], "dtype": "int64"},
-                   {"name": "attention_mask", "shape": [1, seq_len], "dtype": "int64"}],
-        "output_specs": [], "versions": {"torch": "2.13"}, "validation": {"passed": True},
-        "quantization": None, "valid": valid,
-    }
-    (directory / "manifest.json").write_text(json.dumps(manifest))
-    (directory / "model.onnx").write_bytes(b"graph")
-    (directory / "model.onnx.data").write_bytes(b"weights" * 100)
-    (directory / "tokenizer.json").write_text("{}")
-    return directory
+@pytest.fixture
+def install_fakes(monkeypatch):
+    return install_stand_ins(monkeypatch)
+
+
+@pytest.fixture(params=VERSIONS, ids=VERSION_IDS)
+def trt_version(request):
+    return request.param
+
+
+@pytest.fixture
+def fakes(install_fakes, trt_version):
+    """The stand-ins of TensorRT 10.x, and again of 11.x."""
+    return versioned(install_fakes, trt_version)
 
 
 @pytest.fixture
@@ -367,35 +365,6 @@ def test_engine_matches_onnxruntime_on_the_decode_head(tmp_path, request, family
 # --- the build and the backend against the stand-ins (no GPU needed) ---------------------
 
 
-@pytest.fixture
-def install_fakes(monkeypatch):
-    """A function (version, parse_ok, capture_ok) -> log that installs the stand-ins."""
-    from fake_tensorrt import FakeCudart, make_tensorrt
-
-    from dllm_export.runtime import cuda
-
-    def install(version=TRT10, parse_ok=True, capture_ok=True) -> dict:
-        log: dict = {}
-        monkeypatch.setitem(sys.modules, "tensorrt", make_tensorrt(log, version, parse_ok))
-        fake_runtime = FakeCudart(log, capture_ok)
-        monkeypatch.setattr(cuda, "cudart", lambda: fake_runtime)
-        log["cuda"] = fake_runtime
-        return log
-
-    return install
-
-
-@pytest.fixture(params=[TRT10, TRT11], ids=["trt10", "trt11"])
-def trt_version(request):
-    return request.param
-
-
-@pytest.fixture
-def fakes(install_fakes, trt_version):
-    """``install_fakes`` for TensorRT 10.x and again for 11.x."""
-    return lambda version=None, **kw: install_fakes(version or trt_version, **kw)
-
-
 def test_build_drives_the_documented_builder_api(tmp_path, fakes, trt_version):
     log = fakes()
     # TensorRT 10 lowers an fp32 graph with the FP16 flag; 11 has no flag: an fp16 graph
@@ -464,96 +433,11 @@ def test_build_refusals_after_tensorrt_loads(tmp_path, fakes, trt_version):
                                               "node 3 \\(Attention\\)"):
         build_engine(artifact, load_profile("h100-sxm"), tmp_path / "e",
                      BuildOptions(precision="fp32"))
-    fakes(version="10.3.0.30")
+    fakes(version_override="10.3.0.30")
     with pytest.raises(DllmExportError, match="TensorRT 10.3.0.30 is outside the supported"):
         build_engine(artifact, load_profile("h100-sxm"), tmp_path / "e", BuildOptions())
     assert not (tmp_path / "e").exists()
     assert not list(tmp_path.glob(".dllm-cast-*"))  # the cast pass's scratch is removed
-
-
-@pytest.mark.parametrize("capture_ok", [True, False])
-def test_tensorrt_backend_step_loop(tmp_path, fakes, capture_ok):
-    log = fakes(capture_ok=capture_ok)
-    artifact = write_artifact(tmp_path / "art", seq_len=8)
-    build_engine(artifact, load_profile("h100-sxm"), tmp_path / "engine",
-                 BuildOptions(precision="fp32", timing_cache=tmp_path / "t"))
-    backend, manifest = open_backend(tmp_path / "engine")
-    assert (backend.seq_len, backend.batch_size, backend.special_ids) == (8, 1, (1,))
-    # the engine reports a dynamic batch (-1): the backend fixed it from the profile
-    assert log["context"].shapes == {"input_ids": (1, 8), "attention_mask": (1, 8)}
-    assert backend.host["topk_ids"].shape == (1, 8, 4)
-    # the stream TensorRT gets is the integer cudaStreamCreate made, not a wrapper's address
-    assert backend.stream.handle in log["streams"]
-    ids = np.arange(8, dtype=np.int64)[None]
-    mask = np.ones_like(ids)
-    first = backend.predict(ids, mask)
-    np.testing.assert_array_equal(first.topk_ids[..., 0], ids)
-    np.testing.assert_array_equal(first.neg_entropy, -mask)
-    log["copies"].clear()
-    second = backend.predict(ids + 1, mask)  # same mask: only the canvas goes up
-    np.testing.assert_array_equal(second.topk_ids[..., 0], ids + 1)
-    uploads = [count for kind, count in log["copies"] if kind == 1]
-    downloads = [count for kind, count in log["copies"] if kind == 2]
-    assert uploads == [8 * 8]  # input_ids only
-    assert len(downloads) == 4  # the decode head's four outputs, never logits
-    # step 1: a direct launch plus the one the capture records (the fake runs it); step 2
-    # replays the graph (the fake replays by launching) or, without a graph, launches again
-    assert log["launches"] == 3
-    assert log.get("replays") == (1 if capture_ok else None)
-    backend.close()
-    assert log["cuda"].memory == {}  # every device buffer freed
-    assert log["streams"] == set()  # and the stream destroyed
-
-
-def test_tensorrt_backend_reads_bf16_and_fp8_outputs(tmp_path, fakes):
-    """trt.nptype has no bfloat16 or fp8: the backend maps them through ml_dtypes."""
-    log = fakes()
-    log["engine_dtypes"] = {"topk_logprobs": DataType.BF16, "neg_entropy": DataType.FP8,
-                            "special_logprobs": DataType.HALF}
-    artifact = write_artifact(tmp_path / "art", seq_len=8)
-    build_engine(artifact, load_profile("h100-sxm"), tmp_path / "engine",
-                 BuildOptions(precision="fp32", timing_cache=tmp_path / "t"))
-    backend, _ = open_backend(tmp_path / "engine")
-    assert str(backend.host["topk_logprobs"].dtype) == "bfloat16"
-    assert str(backend.host["neg_entropy"].dtype) == "float8_e4m3fn"
-    ids = np.arange(8, dtype=np.int64)[None]
-    mask = np.array([[1, 1, 1, 1, 1, 1, 0, 0]])
-    pred = backend.predict(ids, mask)
-    # values exactly representable in bf16 / e4m3 / fp16, returned as float32
-    assert pred.topk_logprobs.dtype == np.float32 and pred.neg_entropy.dtype == np.float32
-    np.testing.assert_array_equal(pred.topk_logprobs[0, 0], [0.0, -1.0, -2.0, -3.0])
-    np.testing.assert_array_equal(pred.neg_entropy, -mask.astype(np.float32))
-    np.testing.assert_array_equal(pred.special_logprobs, np.full((1, 8, 1), -1.0))
-    backend.close()
-    log["engine_dtypes"] = {"topk_logprobs": DataType.INT4}
-    with pytest.raises(DllmExportError, match="I/O tensor 'topk_logprobs' is INT4, a packed "
-                                              "sub-byte type"):
-        open_backend(tmp_path / "engine")
-
-
-def test_execute_refuses_a_stream_object_or_a_wrong_handle(fakes):
-    """The stand-in takes what the real execute_async_v3 takes: an int that is a stream."""
-    from cuda.bindings import runtime as cuda_runtime
-    from fake_tensorrt import _Context, _Engine
-
-    log = fakes()
-    context = _Engine(log).create_execution_context()
-    stream = log["cuda"].cudaStreamCreate()[1]
-    with pytest.raises(TypeError, match="incompatible function arguments"):
-        context.execute_async_v3(stream)
-    assert isinstance(context, _Context) and isinstance(stream, cuda_runtime.cudaStream_t)
-    assert context.execute_async_v3(stream.getPtr()) is False  # the wrapper's address
-
-
-def test_tensorrt_backend_refuses_an_engine_from_elsewhere(tmp_path, fakes, trt_version):
-    fakes()
-    artifact = write_artifact(tmp_path / "art", seq_len=8)
-    build_engine(artifact, load_profile("h100-sxm"), tmp_path / "engine",
-                 BuildOptions(precision="fp32", timing_cache=tmp_path / "t"))
-    fakes(version="10.9.0.34")  # TensorRT changed since the build
-    with pytest.raises(DllmExportError, match=f"engine was built for TensorRT {trt_version} "
-                                              "\\(this machine has 10.9.0.34\\).*rebuild it here"):
-        open_backend(tmp_path / "engine")
 
 
 def test_cli_build_shows_progress_and_stats(tmp_path, fakes, trt_version):
@@ -579,46 +463,6 @@ def test_build_refuses_a_graph_tensorrt_cannot_parse(tmp_path):
                                               r"model.layers.0.mlp/MoE .*re-export with --target tensorrt"):
         check_tensorrt_compatible(tmp_path, manifest)
     check_tensorrt_compatible(tmp_path, {"trt_compatibility": {"clean": True, "findings": []}})
-
-
-def test_tensorrt_backend_keeps_the_cache_on_the_device(tmp_path, fakes, artifact):
-    """Engines for every cached graph; cached decoding commits ONNX Runtime's tokens in
-    each mode while the cache stays in device buffers: the prefill engine writes
-    it in place, commits are device-to-device copies, and only ids, positions, masks and
-    the decode head cross to and from the host."""
-    from dllm_export import families
-    from dllm_export.runtime.backends.onnxruntime import OrtBackend
-    from dllm_export.runtime.generate import SamplerConfig, Special, denoise
-
-    source = artifact("llada")  # exported before the fakes replace tensorrt
-    log = fakes()
-    engine = tmp_path / "engine"
-    manifest = build_engine(source, load_profile("h100-sxm"), engine,
-                            BuildOptions(precision="fp32", timing_cache=tmp_path / "t"))
-    assert sorted(p.name for p in engine.glob("*.engine")) == [
-        "decode.engine", "model.engine", "prefill.engine", "step.engine", "window.engine"]
-    assert manifest["cache"]["graphs"]["step"]["engine"] == "step.engine"
-    assert set(manifest["build"]["cached_engine_bytes"]) == {"prefill", "step", "window",
-                                                              "decode"}
-    backend, _ = open_backend(engine)
-    ort = OrtBackend(source, json.loads((source / "manifest.json").read_text()))
-    special = Special(**{k: manifest["special_tokens"][k] for k in ("mask_id", "eos_id")},
-                      eot_id=manifest["special_tokens"]["eot_id"],
-                      pad_id=manifest["special_tokens"]["eos_id"])
-    prompt = [int(t) for t in np.random.default_rng(3).integers(0, 300, 32)]
-    cache_bytes = sum(b.nbytes for b in backend.cache.values())
-    for mode in ("none", "dual", "block"):
-        config = SamplerConfig(gen_length=16, steps=16, block_length=8, cache=mode,
-                               early_exit=False)
-        log["copies"], log["copies_2d"] = [], []
-        got = denoise(backend, [prompt], config, special, family=families.family("llada"))
-        want = denoise(ort, [prompt], config, special, family=families.family("llada"))
-        assert got.sequences.tolist() == want.sequences.tolist(), mode
-        assert max(count for _, count in log["copies"]) < cache_bytes / 4, mode
-        commits = [c for c in log["copies_2d"] if c[0] == 3]
-        assert len(commits) == (2 * 2 if mode == "block" else 0)  # 1 commit x 2 layers x k, v
-    backend.close()
-    assert log["cuda"].memory == {}
 
 
 def test_tensorrt_11_builds_an_fp32_artifact_from_a_cast_graph(tmp_path, install_fakes,

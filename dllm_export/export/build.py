@@ -276,6 +276,13 @@ def typed_graphs(artifact_dir: Path, manifest: dict, typing, out_dir: Path):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _typing_notes(target: _Target, precision: str, artifact_dtype: str) -> dict:
+    typing = target.typing
+    return {"strongly_typed": typing.strongly_typed, "precision_flag": typing.precision_flag,
+            "precision_from": typing.describe(precision, artifact_dtype),
+            "cast_pass": target.cast}
+
+
 def _build_typed(artifact_dir, manifest, plan, out_dir, options, notes, report,
                  target: _Target) -> dict:
     from dllm_export.export.trt_builder import (
@@ -312,10 +319,7 @@ def _build_typed(artifact_dir, manifest, plan, out_dir, options, notes, report,
         "peak_device_bytes": device_peak.peak,
         "engine_bytes": engine.nbytes,
         "cached_engine_bytes": {name: blob.nbytes for name, blob in cached.items()},
-        "strongly_typed": typing.strongly_typed,
-        "precision_flag": typing.precision_flag,
-        "precision_from": typing.describe(precision, manifest.get("dtype", "fp32")),
-        "cast_pass": target.cast,
+        **_typing_notes(target, precision, manifest.get("dtype", "fp32")),
         "workspace_bytes": settings.workspace_bytes,
         "optimization_level": settings.optimization_level,
         "timing_cache": str(settings.timing_cache),
