@@ -33,6 +33,11 @@ DEFAULT_MODEL = "dllm_export/data/default-model"
 BUDGET_S = 450
 MIN_STEP_S = 15  # a step with less left than this is not started
 BEGIN, END = "<!-- gpu-suite:begin -->", "<!-- gpu-suite:end -->"
+# what a profile step must report: the step, its roofline floor on h200 and the
+# autoregressive baseline of the same forward; with the full canvas (--cache none) also the
+# measured step over that floor (profile compares only full-canvas forwards with it)
+PROFILE_KEYS = ("step_ms_median", "step_floor_ms", "autoregressive_tokens_per_second",
+                "diffusion_over_autoregressive")
 
 
 @dataclass
@@ -142,7 +147,12 @@ def profile_outcome(name: str, stdout: str, returncode: int) -> dict:
         headline = None
     if returncode != 0 or not isinstance(headline, dict):
         return {"check": name, "ok": False, "returncode": returncode}
-    return {"check": name, "ok": True, **headline}
+    keys = PROFILE_KEYS + (("measured_over_floor",) if name.endswith("_none") else ())
+    missing = [key for key in keys if headline.get(key) is None]
+    line = {"check": name, "ok": not missing, **headline}
+    if missing:
+        line["reason"] = f"the headline lacks {', '.join(missing)}"
+    return line
 
 
 def run_step(step: Step, seconds: float) -> list[dict]:

@@ -126,10 +126,18 @@ def test_summary_counts_failed_and_not_validated_apart():
 
 
 def test_profile_outcome_reads_the_json_headline():
-    stdout = 'progress...\n{\n  "step_ms": 4.5,\n  "roofline_ratio": 0.3\n}\n'
-    assert suite.profile_outcome("p", stdout, 0) == {"check": "p", "ok": True,
-                                                      "step_ms": 4.5, "roofline_ratio": 0.3}
-    assert suite.profile_outcome("p", "Traceback", 1)["ok"] is False
+    headline = {"step_ms_median": 4.5, "step_floor_ms": 0.9, "measured_over_floor": 5.0,
+                "autoregressive_tokens_per_second": 300.0,
+                "diffusion_over_autoregressive": 0.7}
+    stdout = json.dumps(headline, indent=2) + "\n"
+    assert suite.profile_outcome("p_none", stdout, 0) == {"check": "p_none", "ok": True,
+                                                           **headline}
+    # the full canvas must be compared with its floor; a cached step is not, by profile
+    off = json.dumps({**headline, "measured_over_floor": None})
+    line = suite.profile_outcome("p_none", off, 0)
+    assert line["ok"] is False and line["reason"] == "the headline lacks measured_over_floor"
+    assert suite.profile_outcome("p_dual", off, 0)["ok"] is True
+    assert suite.profile_outcome("p_none", "Traceback", 1)["ok"] is False
 
 
 def test_run_step_takes_the_check_line_and_enforces_the_timeout(tmp_path):
