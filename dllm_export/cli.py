@@ -466,6 +466,8 @@ def build(artifact_dir, profile_name, out_dir, precision, via, weight_streaming,
                                         "peak_device_bytes", "engine_bytes") if key in done}
     click.echo(out_dir)
     _console().print(" ".join(f"{k}={v}" for k, v in stats.items()), style="dim")
+    if done.get("precision_from"):
+        _console().print(f"precision from: {done['precision_from']}", style="dim")
 
 
 @main.command("profile")
