@@ -163,3 +163,29 @@ def test_tensorrt_backend_keeps_the_cache_on_the_device(tmp_path, fakes, artifac
         assert len(commits) == (2 * 2 if mode == "block" else 0)  # 1 commit x 2 layers x k, v
     backend.close()
     assert log["cuda"].memory == {}
+
+
+def test_tensorrt_backend_runs_draft_and_verify(tmp_path, fakes, artifact):
+    """Draft-and-verify keeps the passing drafts after the call (``commit``, a device copy
+    of the last call's presents): on the stand-in engines of a Dream artifact it commits the
+    tokens ONNX Runtime commits, which are greedy autoregressive decoding's."""
+    from dllm_export.runtime.autoregressive import greedy_decode
+    from dllm_export.runtime.backends.onnxruntime import OrtBackend
+    from dllm_export.runtime.tidar import tidar_decode
+
+    source = artifact("dream")
+    log = fakes()
+    engine = tmp_path / "engine"
+    build_engine(source, load_profile("h100-sxm"), engine,
+                 BuildOptions(precision="fp32", timing_cache=tmp_path / "t"))
+    backend, _ = open_backend(engine)
+    ort = OrtBackend(source, json.loads((source / "manifest.json").read_text()))
+    block = backend.max_rows() // 2
+    prompt = [int(t) for t in np.random.default_rng(5).integers(0, 300, 12)]
+    got, stats = tidar_decode(backend, prompt, 16, block, pad_id=0, mask_id=0,
+                              draft_shift=True, early_exit=False)
+    want, _ = tidar_decode(ort, prompt, 16, block, pad_id=0, mask_id=0, draft_shift=True,
+                           early_exit=False)
+    assert got == want == greedy_decode(ort, prompt, 16, pad_id=0).tokens
+    assert len([c for c in log["copies_2d"] if c[0] == 3]) >= stats.forwards - 1
+    backend.close()

@@ -289,17 +289,24 @@ class TensorRTBackend(Backend):
         rows = input_ids.shape[1]
         io, spec = self.cached[self._graph_for(rows)]
         pred = self._cached_call(io, input_ids, position_ids, attention_mask)
+        self._last_call = (io, spec, rows)  # its present buffers hold until the next call
         if write is not None:
-            row, slot, count = write
-            for key, cache in self.cache.items():
-                present = io.host["present_" + key]
-                batch, heads, _, head_dim = present.shape
-                item = head_dim * present.itemsize  # one slot of one head, in bytes
-                self.stream.copy_rows(cache, slot * item, spec.capacity * item,
-                                      io.buffers["present_" + key], row * item, rows * item,
-                                      count * item, batch * heads)
-            self.stream.synchronize()
+            self.commit(write)
         return pred
+
+    def commit(self, write) -> None:
+        """Copy rows of the last cached call's presents into their cache slots, on the
+        device (one strided 2-D copy per layer and kind)."""
+        io, spec, rows = self._last_call
+        row, slot, count = write
+        for key, cache in self.cache.items():
+            present = io.host["present_" + key]
+            batch, heads, _, width = present.shape
+            item = width * present.itemsize  # one slot of one head, in bytes
+            self.stream.copy_rows(cache, slot * item, spec.capacity * item,
+                                  io.buffers["present_" + key], row * item, rows * item,
+                                  count * item, batch * heads)
+        self.stream.synchronize()
 
     def close(self) -> None:
         if getattr(self, "stream", None) is not None:
