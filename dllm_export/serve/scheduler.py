@@ -173,9 +173,9 @@ class Scheduler:
         rows = [gen.answer_tokens(r[result.prompt_length:]) for r in result.sequences]
         stats = BatchStats(rows=len(batch), forwards=result.forwards,
                            tokens=sum(min(len(r), j.request.max_tokens)
-                                      for r, j in zip(rows, batch)),
+                                      for r, j in zip(rows, batch, strict=True)),
                            seconds=result.seconds, step_seconds=list(result.step_seconds))
         self.on_batch(stats)
-        for job, tokens in zip(batch, rows):
+        for job, tokens in zip(batch, rows, strict=True):
             if not job.cancelled.is_set():
                 job.deliver(("done", tokens, result.forwards, config.gen_length))
