@@ -384,6 +384,29 @@ def serve(source, host, port, max_batch, max_queue, timeout, batch_wait, model_n
     run_server(source, host, port, max_batch, max_queue, timeout, batch_wait, model_name,
                provider, threads)
 
+
+@main.command()
+@click.argument("source", type=click.Path())
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(),
+              help="Model repository directory (the model goes in a folder inside it).")
+@click.option("--name", default=None, help="Model name (default: the source directory's name).")
+@click.option("--instances", default=1, show_default=True, type=int,
+              help="Model instances (instance_group count).")
+@click.option("--max-queue-delay-us", default=10000, show_default=True, type=int,
+              help="Dynamic batching: how long a request waits for others.")
+@click.option("--provider", default="cpu", show_default=True,
+              type=click.Choice(["cpu", "cuda", "tensorrt"]), help="ONNX Runtime provider.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads per instance.")
+@click.option("--overwrite", is_flag=True)
+@user_errors
+def triton(source, out_dir, name, instances, max_queue_delay_us, provider, threads, overwrite):
+    """A Triton Inference Server model repository (Python backend, decoupled streaming)."""
+    from dllm_export.serve.triton import write_repository
+
+    model = write_repository(source, out_dir, name, instances, max_queue_delay_us, provider,
+                             threads, overwrite)
+    click.echo(str(model))
+
 @main.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
