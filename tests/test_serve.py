@@ -16,6 +16,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dllm_export.serve.text import AnswerText
@@ -336,3 +337,213 @@ def test_serve_refuses_bad_options_in_one_line(served, tmp_path):
     result = CliRunner().invoke(main, ["serve", str(served[0]), "--max-batch", "8"])
     assert result.exit_code == 1
     assert "--max-batch 8" in result.output and "--batch 8" in result.output
+
+
+# ------------------------------------------------------------------ Triton
+
+TRITON_VENV = Path(os.environ.get("DLLM_TRITON_VENV", ROOT / ".venv-triton"))
+TRITON_PARAMS = {"max_tokens": 16, "temperature": 0, "dllm": {"block_length": 8, "steps": 16}}
+
+
+class _FakeTensor:
+    def __init__(self, name, array):
+        self.name, self.array = name, array
+
+    def as_numpy(self):
+        return self.array
+
+
+class _FakeResponse:
+    def __init__(self, output_tensors=None, error=None):
+        self.outputs = {t.name: t.array for t in output_tensors or []}
+        self.error = error
+
+
+class _FakeError:
+    def __init__(self, message):
+        self.message = message
+
+
+class _FakeSender:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, response, flags=0):
+        self.sent.append((response, flags))
+
+
+class _FakeRequest:
+    def __init__(self, text, params):
+        self.inputs = {"text_input": np.array([[text.encode()]], dtype=object)}
+        if params is not None:
+            self.inputs["sampling_parameters"] = np.array([[json.dumps(params).encode()]],
+                                                          dtype=object)
+        self.sender = _FakeSender()
+
+    def get_response_sender(self):
+        return self.sender
+
+
+class _FakePbUtils:
+    """The few names of triton_python_backend_utils the model uses."""
+
+    TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    Tensor = _FakeTensor
+    InferenceResponse = _FakeResponse
+    TritonError = _FakeError
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name):
+        array = request.inputs.get(name)
+        return None if array is None else _FakeTensor(name, array)
+
+
+
+@pytest.fixture(scope="module")
+def repository(served, tmp_path_factory):
+    from dllm_export.serve.triton import write_repository
+
+    root = tmp_path_factory.mktemp("triton") / "models"
+    return write_repository(served[0], root, name="tiny", threads=1)
+
+
+@pytest.mark.slow
+def test_triton_model_streams_the_generators_answer_with_a_fake_backend(served, repository,
+                                                                        monkeypatch):
+    from dllm_export.serve import triton_model
+
+    _, gen = served
+    monkeypatch.setattr(triton_model, "pb_utils", _FakePbUtils)
+    config = (repository / "config.pbtxt").read_text()
+    assert "max_batch_size: 4" in config and "decoupled: true" in config
+    model = triton_model.TritonPythonModel()
+    model.initialize({"model_config": json.dumps({"max_batch_size": 4, "parameters": {
+        "artifact": {"string_value": "artifact"}, "threads": {"string_value": "1"}}}),
+        "model_repository": str(repository), "model_version": "1"})
+    requests = [_FakeRequest(PROMPTS[0], TRITON_PARAMS),
+                _FakeRequest(PROMPTS[1], {**TRITON_PARAMS, "stream": False}),
+                _FakeRequest("Hi", {**TRITON_PARAMS, "chat": True}),
+                _FakeRequest(PROMPTS[2], {"n": 2}),
+                _FakeRequest(PROMPTS[3], {**TRITON_PARAMS, "dllm": {"block_length": 8, "steps": 3}})]
+    assert model.execute(requests) is None  # decoupled: every answer goes through a sender
+    for request, (prompt, chat) in zip(requests[:3], [(PROMPTS[0], False), (PROMPTS[1], False),
+                                                      ("Hi", True)], strict=True):
+        sent = request.sender.sent
+        assert all(r.error is None for r, _ in sent)
+        assert [flags for _, flags in sent][-1] == 1 and all(f == 0 for _, f in sent[:-1])
+        text = "".join(r.outputs["text_output"][0, 0].decode() for r, _ in sent)
+        out = gen.generate(prompt, chat=chat, **GEN)
+        assert text == out.texts[0]
+        assert int(sent[-1][0].outputs["completion_tokens"][0, 0]) == len(out.tokens[0])
+        assert sent[-1][0].outputs["finish_reason"][0, 0].decode() in ("stop", "length")
+    assert len(requests[1].sender.sent) == 1  # stream false: one response
+    (error, flags), = requests[3].sender.sent
+    assert flags == 1 and "sampling_parameters.n" in error.error.message
+    (error, flags), = requests[4].sender.sent
+    assert flags == 1 and "dllm.steps 3" in error.error.message
+
+
+TRITON_GRPC_CLIENT = r'''
+import json, queue, sys
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+url, model, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+results = queue.Queue()
+client = grpcclient.InferenceServerClient(url)
+client.start_stream(callback=lambda result, error: results.put((result, error)))
+for index, (text, params) in enumerate(prompts):
+    inputs = [grpcclient.InferInput("text_input", [1, 1], "BYTES"),
+              grpcclient.InferInput("sampling_parameters", [1, 1], "BYTES")]
+    inputs[0].set_data_from_numpy(np.array([[text.encode()]], dtype=object))
+    inputs[1].set_data_from_numpy(np.array([[json.dumps(params).encode()]], dtype=object))
+    client.async_stream_infer(model, inputs, request_id=str(index))
+chunks = {str(i): [] for i in range(len(prompts))}
+finished = {}
+while len(finished) < len(prompts):
+    result, error = results.get(timeout=300)
+    if error is not None:
+        print(json.dumps({"error": str(error)}))
+        sys.exit(1)
+    rid = result.get_response().id
+    chunks[rid].append(result.as_numpy("text_output").reshape(-1)[0].decode())
+    finish = result.as_numpy("finish_reason").reshape(-1)[0].decode()
+    if finish:
+        finished[rid] = [finish, int(result.as_numpy("completion_tokens").reshape(-1)[0])]
+client.stop_stream()
+print(json.dumps({rid: ["".join(c), len(c), *finished[rid]] for rid, c in chunks.items()}))
+'''
+
+TRITON_CONFIG_LINT = r'''
+import sys
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+config = text_format.Parse(open(sys.argv[1]).read(), model_config_pb2.ModelConfig())
+print(config.max_batch_size, config.model_transaction_policy.decoupled,
+      config.instance_group[0].count, config.backend)
+'''
+
+
+@pytest.mark.slow
+def test_triton_server_runs_the_repository(served, repository, tmp_path):
+    if not (TRITON_VENV / "bin" / "python").exists():
+        pytest.skip(f"no nvidia-pytriton venv at {TRITON_VENV} (docs/serving.md)")
+    from dllm_export.serve.triton import pytriton_server
+
+    _, gen = served
+    python = str(TRITON_VENV / "bin" / "python")
+    lint = subprocess.run([python, "-c", TRITON_CONFIG_LINT, str(repository / "config.pbtxt")],
+                          capture_output=True, text=True, check=True)
+    assert lint.stdout.split() == ["4", "True", "1", "python"]
+    ports = [_free_port() for _ in range(3)]
+    command, env = pytriton_server(TRITON_VENV, repository.parent, tmp_path, *ports)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    url = f"http://127.0.0.1:{ports[0]}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"tritonserver exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
+            try:
+                if httpx.get(url + "/v2/models/tiny/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("tritonserver: the model was not ready in 180 s")
+            time.sleep(0.5)
+        # HTTP: the generate_stream extension, as server-sent events
+        body = {"text_input": PROMPTS[0], "sampling_parameters": json.dumps(TRITON_PARAMS)}
+        with httpx.stream("POST", url + "/v2/models/tiny/generate_stream", json=body,
+                          timeout=120) as response:
+            assert response.status_code == 200
+            events = [json.loads(line[6:]) for line in response.iter_lines()
+                      if line.startswith("data: ")]
+        out = gen.generate(PROMPTS[0], **GEN)
+        assert "".join(e["text_output"] for e in events) == out.texts[0]
+        assert events[-1]["finish_reason"] in ("stop", "length")
+        assert events[-1]["completion_tokens"] == len(out.tokens[0])
+        bad = httpx.post(url + "/v2/models/tiny/generate_stream", timeout=60,
+                         json={"text_input": "hi", "sampling_parameters": '{"n": 2}'})
+        assert "sampling_parameters.n" in bad.text
+        # gRPC: tritonclient's bidirectional stream, four requests at once
+        prompts = [[p, TRITON_PARAMS] for p in PROMPTS]
+        client = subprocess.run([python, "-c", TRITON_GRPC_CLIENT, f"127.0.0.1:{ports[1]}",
+                                 "tiny", json.dumps(prompts)], capture_output=True, text=True,
+                                timeout=300)
+        assert client.returncode == 0, client.stdout + client.stderr
+        answers = json.loads(client.stdout.strip().splitlines()[-1])
+        for index, prompt in enumerate(PROMPTS):
+            text, chunks, finish, tokens = answers[str(index)]
+            out = gen.generate(prompt, **GEN)
+            assert text == out.texts[0], prompt
+            assert tokens == len(out.tokens[0])
+            assert chunks >= 1 and finish in ("stop", "length")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from dllm_export.errors import check_at_least
+from dllm_export.errors import DllmExportError, check_at_least
 from dllm_export.jsonio import atomic_directory
 from dllm_export.runtime.artifact import read_manifest
 
@@ -112,3 +112,36 @@ def write_repository(source, out_dir, name: str | None = None, instances: int = 
                         ignore=shutil.ignore_patterns("__pycache__", "data", "*.pyc"))
         shutil.copytree(source, version / "artifact")
     return out_dir / name
+
+
+def pytriton_server(venv, repository, workdir, http_port: int, grpc_port: int,
+                    metrics_port: int, host: str = "127.0.0.1") -> tuple[list[str], dict]:
+    """The command and environment that run the ``tritonserver`` shipped in an
+    nvidia-pytriton install (``venv``, Python 3.x) on ``repository``: its binaries copied
+    to ``workdir`` with the Python backend stub for the venv's Python, as pytriton does."""
+    import os
+
+    venv = Path(venv)
+    found = sorted(venv.glob("lib/python3.*/site-packages/pytriton/tritonserver"))
+    if not found:
+        raise DllmExportError(f"{venv}: no nvidia-pytriton install (pip install nvidia-pytriton "
+                              "into that venv)")
+    dist = found[-1]
+    python = dist.parents[2].name.removeprefix("python")  # lib/python3.11/site-packages
+    server = Path(workdir) / "tritonserver"
+    if not server.exists():
+        shutil.copytree(dist, server, ignore=shutil.ignore_patterns("python_backend_stubs"))
+        shutil.copy(dist / "python_backend_stubs" / python / "triton_python_backend_stub",
+                    server / "backends" / "python" / "triton_python_backend_stub")
+    env = dict(os.environ)
+    libs = str(dist.parents[1] / "nvidia_pytriton.libs")
+    env["LD_LIBRARY_PATH"] = libs + (":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
+    env["PATH"] = str(venv / "bin") + os.pathsep + env.get("PATH", "")
+    env.pop("PYTHONPATH", None)  # the model imports the runtime vendored in the repository
+    command = [str(server / "bin" / "tritonserver"), "--model-repository", str(repository),
+               "--backend-directory", str(server / "backends"),
+               "--cache-directory", str(server / "caches"),
+               "--http-address", host, "--http-port", str(http_port),
+               "--grpc-address", host, "--grpc-port", str(grpc_port),
+               "--metrics-port", str(metrics_port), "--exit-timeout-secs", "5"]
+    return command, env

@@ -112,9 +112,10 @@ class TritonPythonModel:
 
     def _respond(self, row: _Row, text: str, finish: str = "", tokens: int = 0):
         outputs = [
-            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
-            pb_utils.Tensor("finish_reason", np.array([finish.encode()], dtype=np.object_)),
-            pb_utils.Tensor("completion_tokens", np.array([tokens], dtype=np.int32)),
+            # [1, 1]: the batch dimension of a max_batch_size model, then dims [1]
+            pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
+            pb_utils.Tensor("finish_reason", np.array([[finish.encode()]], dtype=np.object_)),
+            pb_utils.Tensor("completion_tokens", np.array([[tokens]], dtype=np.int32)),
         ]
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if finish else 0
         row.sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=flags)
