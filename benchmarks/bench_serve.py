@@ -4,22 +4,27 @@ Starts the server (a real uvicorn process) on an artifact, then for each concurr
 client threads, each sending chat completions one after another (closed loop) until
 ``--requests`` have been answered in all, and reports requests/s, completion tokens/s,
 latency and how many requests the server put into each denoise call (from /metrics).
-Each artifact's server (its ``--max-batch`` is the artifact's fixed batch) runs alone on the
-machine, one after another.
+All servers start first (an OpenAI server per artifact and ``--batch-wait``, its
+``--max-batch`` the artifact's fixed batch; a Triton server per artifact); only one is sent
+requests at a time, and the rounds interleave them, so a change in the machine's load
+falls on all of them alike. The summary is the median over rounds.
 
     dllm-export export dllm_export/data/default-model -o out/dm48b1 --seq-len 48 --batch 1
     dllm-export export dllm_export/data/default-model -o out/dm48b4 --seq-len 48 --batch 4
-    python -m benchmarks.bench_serve out/dm48b1 out/dm48b4 --concurrency 1 2 4 8
+    python -m benchmarks.bench_serve out/dm48b1 out/dm48b4 --concurrency 1 2 4 8 \
+        --batch-wait 0.01 0.1 --threads 1 --triton-venv .venv-triton
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -73,7 +78,38 @@ def start_server(artifact: str, threads: int | None, batch_wait: float):
     raise RuntimeError("server did not start in 120 s")
 
 
-def run_clients(url: str, model: str, concurrency: int, requests: int, max_tokens) -> dict:
+def openai_request(url: str, model: str, max_tokens):
+    """One chat completion; returns its completion tokens, or None when it failed."""
+    def post(http, prompt):
+        body = {"model": model, "temperature": 0,
+                "messages": [{"role": "user", "content": prompt}]}
+        if max_tokens:
+            body["max_tokens"] = max_tokens
+        response = http.post(url + "/v1/chat/completions", json=body)
+        return response.json()["usage"]["completion_tokens"] if response.status_code == 200 else None
+
+    return post
+
+
+def triton_request(url: str, model: str, max_tokens):
+    """One chat request to Triton's generate_stream (one final response, stream false)."""
+    params = {"chat": True, "stream": False, "temperature": 0}
+    if max_tokens:
+        params["max_tokens"] = max_tokens
+
+    def post(http, prompt):
+        body = {"text_input": prompt, "sampling_parameters": json.dumps(params)}
+        response = http.post(url + f"/v2/models/{model}/generate_stream", json=body)
+        events = [json.loads(line[6:]) for line in response.text.splitlines()
+                  if line.startswith("data: ")]
+        if response.status_code != 200 or not events or "error" in events[-1]:
+            return None
+        return events[-1]["completion_tokens"]
+
+    return post
+
+
+def run_clients(post, concurrency: int, requests: int, batches_metric=None) -> dict:
     latencies, tokens, failures = [], [], []
     lock = threading.Lock()
     counter = iter(range(requests))
@@ -85,23 +121,17 @@ def run_clients(url: str, model: str, concurrency: int, requests: int, max_token
                     number = next(counter, None)
                 if number is None:
                     return
-                body = {"model": model, "temperature": 0,
-                        "messages": [{"role": "user",
-                                      "content": PROMPTS[number % len(PROMPTS)]}]}
-                if max_tokens:
-                    body["max_tokens"] = max_tokens
                 started = time.perf_counter()
-                response = http.post(url + "/v1/chat/completions", json=body)
+                count = post(http, PROMPTS[number % len(PROMPTS)])
                 elapsed = time.perf_counter() - started
                 with lock:
-                    if response.status_code != 200:
-                        failures.append(response.text[:200])
+                    if count is None:
+                        failures.append(number)
                         continue
                     latencies.append(elapsed)
-                    tokens.append(response.json()["usage"]["completion_tokens"])
+                    tokens.append(count)
 
-    batches = _metric(url, "dllm_batch_rows_count")
-    forwards = _metric(url, "dllm_forwards_total")
+    batches = batches_metric() if batches_metric else 0
     started = time.perf_counter()
     workers = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
     for worker in workers:
@@ -109,7 +139,7 @@ def run_clients(url: str, model: str, concurrency: int, requests: int, max_token
     for worker in workers:
         worker.join()
     seconds = time.perf_counter() - started
-    batches = _metric(url, "dllm_batch_rows_count") - batches
+    batches = batches_metric() - batches if batches_metric else None
     latencies.sort()
     return {
         "concurrency": concurrency, "requests": len(latencies), "failures": len(failures),
@@ -118,37 +148,98 @@ def run_clients(url: str, model: str, concurrency: int, requests: int, max_token
         "tokens_per_s": round(sum(tokens) / seconds, 2),
         "latency_median_s": round(statistics.median(latencies), 4) if latencies else None,
         "latency_p90_s": round(latencies[(9 * len(latencies)) // 10], 4) if latencies else None,
-        "requests_per_denoise_call": round(len(latencies) / max(batches, 1), 3),
-        "forwards": int(_metric(url, "dllm_forwards_total") - forwards),
+        "requests_per_denoise_call": (round(len(latencies) / max(batches, 1), 3)
+                                      if batches is not None else None),
     }
+
+
+def start_triton(artifact: str, model: str, venv: str, threads, work: str):
+    """tritonserver (nvidia-pytriton's) on the repository ``dllm-export triton`` writes."""
+    from dllm_export.serve.triton import pytriton_server, write_repository
+
+    repository = Path(work) / model / "models"
+    write_repository(artifact, repository, name=model, threads=threads)
+    ports = [_free_port() for _ in range(3)]
+    command, env = pytriton_server(venv, repository, Path(work) / model, *ports)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{ports[0]}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(url + f"/v2/models/{model}/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("tritonserver did not get the model ready")
+        time.sleep(0.5)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifacts", nargs="+", help="Artifact or engine directories.")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--requests", type=int, default=32, help="Answered requests per point.")
+    parser.add_argument("--requests", type=int, default=16, help="Answered requests per point.")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="Rounds; each measures every server at every concurrency.")
     parser.add_argument("--max-tokens", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None, help="Server's intra-op threads.")
-    parser.add_argument("--batch-wait", type=float, default=0.01)
+    parser.add_argument("--threads", type=int, default=None, help="Servers' intra-op threads.")
+    parser.add_argument("--batch-wait", type=float, nargs="+", default=[0.01],
+                        help="One OpenAI server per artifact and value.")
+    parser.add_argument("--triton-venv", default=None,
+                        help="Also measure the Triton repository on this nvidia-pytriton venv.")
     args = parser.parse_args(argv)
-    results = []
-    for artifact in args.artifacts:
-        model = Path(artifact).resolve().name
-        proc, url = start_server(artifact, args.threads, args.batch_wait)
-        max_batch = httpx.get(url + "/health").json()["max_batch"]
+    servers, procs = [], []  # (labels, post, batches metric)
+    with tempfile.TemporaryDirectory() as work:
         try:
-            run_clients(url, model, 1, 4, args.max_tokens)  # warm-up
-            for concurrency in args.concurrency:
-                point = {"artifact": model, "max_batch": max_batch,
-                         **run_clients(url, model, concurrency, args.requests, args.max_tokens)}
-                emit(point)
-                results.append(point)
+            for artifact in args.artifacts:
+                model = Path(artifact).resolve().name
+                for wait in args.batch_wait:
+                    proc, url = start_server(artifact, args.threads, wait)
+                    procs.append(proc)
+                    max_batch = httpx.get(url + "/health").json()["max_batch"]
+                    servers.append(({"server": "openai", "artifact": model,
+                                     "max_batch": max_batch, "batch_wait": wait},
+                                    openai_request(url, model, args.max_tokens),
+                                    lambda url=url: _metric(url, "dllm_batch_rows_count")))
+                if args.triton_venv:
+                    proc, url = start_triton(artifact, model, args.triton_venv, args.threads,
+                                             work)
+                    procs.append(proc)
+                    servers.append(({"server": "triton", "artifact": model},
+                                    triton_request(url, model, args.max_tokens), None))
+            for _, post, _ in servers:
+                run_clients(post, 1, 4)  # warm-up
+            # every server idles while another is measured: rounds interleave them
+            rounds = []
+            for round_index in range(args.rounds):
+                for concurrency in args.concurrency:
+                    for labels, post, batches in servers:
+                        point = {**labels, "round": round_index,
+                                 **run_clients(post, concurrency, args.requests, batches)}
+                        emit(point)
+                        rounds.append(point)
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            for proc in procs:
+                proc.terminate()
+                proc.wait(timeout=30)
+    summary = []
+    for labels, _, _ in servers:
+        for concurrency in args.concurrency:
+            points = [p for p in rounds if p["concurrency"] == concurrency
+                      and all(p.get(k) == v for k, v in labels.items())]
+            summary.append({**labels, "concurrency": concurrency, **{
+                key: round(statistics.median(p[key] for p in points), 3)
+                for key in ("requests_per_s", "tokens_per_s", "latency_median_s")},
+                "requests_per_denoise_call": statistics.median(
+                    p["requests_per_denoise_call"] for p in points)
+                if points[0]["requests_per_denoise_call"] is not None else None,
+                "failures": sum(p["failures"] for p in points)})
     emit({"benchmark": "serve", "artifacts": args.artifacts, "cpu_count": os.cpu_count(),
-          "load_average": os.getloadavg(), "results": results})
+          "load_average": os.getloadavg(), "rounds": args.rounds, "requests": args.requests,
+          "summary": summary})
 
 
 if __name__ == "__main__":

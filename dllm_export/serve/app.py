@@ -91,6 +91,9 @@ async def _next_event(events: asyncio.Queue, deadline: float, disconnect: asynci
     return ("disconnect",) if disconnect in done else ("timeout",)
 
 
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
 def _sse(body) -> str:
     return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
@@ -117,7 +120,8 @@ def create_app(generator: Generator, model_name: str, max_batch: int, max_queue:
     @app.middleware("http")
     async def count(request: Request, call_next):
         response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        path = request.url.path if request.url.path in ROUTES else "other"
+        metrics.requests.labels(path, str(response.status_code)).inc()
         return response
 
     @app.exception_handler(ApiError)
@@ -150,7 +154,13 @@ def create_app(generator: Generator, model_name: str, max_batch: int, max_queue:
         parsed = parse_request(generator, model_name, body, kind)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = Job(parsed, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        def deliver(event):  # from the worker thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the loop has closed (shutdown): nobody is waiting
+                pass
+
+        job = Job(parsed, deliver)
         try:
             scheduler.submit(job)
         except QueueFull:

@@ -116,9 +116,7 @@ def _check_fields(body: dict, allowed: set) -> None:
         raise bad(f"{unknown[0]}: not a field this server implements (it serves a diffusion "
                   f"model; see docs/serving.md for the fields it takes)", unknown[0])
     for name, values in ONLY.items():
-        if name in body and body[name] not in values and not (
-                isinstance(body[name], (int, float)) and not isinstance(body[name], bool)
-                and body[name] in values):
+        if name in body and body[name] not in values:
             raise bad(f"{name} {body[name]!r}: not supported by this server "
                       f"(it takes only {values[-1]!r})", name)
     if "stream_options" in body and body["stream_options"] is not None:
