@@ -326,6 +326,20 @@ def test_a_request_past_the_timeout_is_cancelled(served):
 
 
 @pytest.mark.slow
+def test_serve_runs_a_checkpoint_on_the_pytorch_backend(tiny_dir):
+    from dllm_export.runtime import Generator
+
+    checkpoint = tiny_dir("llada-moe")
+    gen = Generator.from_checkpoint(checkpoint)
+    with _server(checkpoint, "--max-batch", "2") as url:
+        body = {"model": Path(checkpoint).name, "prompt": PROMPTS[0], **SETTINGS}
+        reply = httpx.post(url + "/v1/completions", json=body, timeout=120).json()
+    out = gen.generate(PROMPTS[0], **GEN)
+    assert reply["choices"][0]["text"] == out.texts[0]
+    assert reply["usage"]["completion_tokens"] == len(out.tokens[0])
+
+
+@pytest.mark.slow
 def test_serve_refuses_bad_options_in_one_line(served, tmp_path):
     from click.testing import CliRunner
 
