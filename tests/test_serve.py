@@ -165,6 +165,20 @@ def test_completions_and_chat_equal_the_generator(served, server):
         extra = reply.usage.model_dump()
         assert extra["forwards"] == forwards
         assert extra["tokens_per_forward"] == pytest.approx(count / forwards, abs=1e-4)
+    # a stop sequence cuts the answer before it, streamed or not
+    text = _expected(gen, PROMPTS[0])[0]
+    assert len(text) >= 4, text
+    stop = text[2:4]
+    cut = text[: text.find(stop)]
+    body = {"model": model, "prompt": PROMPTS[0], "stop": [stop], **SETTINGS}
+    reply = httpx.post(server + "/v1/completions", json=body, timeout=120).json()
+    assert reply["choices"][0]["text"] == cut and reply["choices"][0]["finish_reason"] == "stop"
+    with httpx.stream("POST", server + "/v1/completions", json={**body, "stream": True},
+                      timeout=120) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: {")]
+    assert "".join(e["choices"][0]["text"] for e in events) == cut
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
     messages = [{"role": "user", "content": "Hi, who are you?"}]
     text, count, _ = _expected(gen, messages, chat=True)
     reply = client.chat.completions.create(model=model, messages=messages, max_tokens=16,
