@@ -354,6 +354,59 @@ def run(artifact_dir, prompt, chat, provider, threads, show_steps, truncate, **k
     _print_generation(generator, prompt, chat, show_steps, truncate, overrides)
 
 
+
+@main.command()
+@click.argument("source", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--max-batch", type=int, default=None,
+              help="Requests per denoise call (default: the artifact's fixed batch).")
+@click.option("--max-queue", default=64, show_default=True, type=int,
+              help="Waiting requests before new ones get 429.")
+@click.option("--timeout", default=120.0, show_default=True, type=float,
+              help="Seconds from arrival after which a request is cancelled (504).")
+@click.option("--batch-wait", default=0.01, show_default=True, type=float,
+              help="Seconds a batch that is not full waits for more requests.")
+@click.option("--model-name", default=None, help="The model id clients send (default: the "
+                                                 "directory's name).")
+@click.option("--provider", default="cpu", show_default=True,
+              type=click.Choice(["cpu", "cuda", "tensorrt"]), help="ONNX Runtime provider.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (default: all cores).")
+@user_errors
+def serve(source, host, port, max_batch, max_queue, timeout, batch_wait, model_name, provider,
+          threads):
+    """An OpenAI-compatible server over an artifact, engine or checkpoint (extra: serve)."""
+    try:
+        from dllm_export.serve.app import serve as run_server
+    except ImportError as err:
+        raise DllmExportError(f"dllm-export serve needs the serve extra ({err.name} is "
+                              "missing): pip install 'dllm-export[serve]'") from None
+    run_server(source, host, port, max_batch, max_queue, timeout, batch_wait, model_name,
+               provider, threads)
+
+
+@main.command()
+@click.argument("source", type=click.Path())
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(),
+              help="Model repository directory (the model goes in a folder inside it).")
+@click.option("--name", default=None, help="Model name (default: the source directory's name).")
+@click.option("--instances", default=1, show_default=True, type=int,
+              help="Model instances (instance_group count).")
+@click.option("--max-queue-delay-us", default=10000, show_default=True, type=int,
+              help="Dynamic batching: how long a request waits for others.")
+@click.option("--provider", default="cpu", show_default=True,
+              type=click.Choice(["cpu", "cuda", "tensorrt"]), help="ONNX Runtime provider.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads per instance.")
+@click.option("--overwrite", is_flag=True)
+@user_errors
+def triton(source, out_dir, name, instances, max_queue_delay_us, provider, threads, overwrite):
+    """A Triton Inference Server model repository (Python backend, decoupled streaming)."""
+    from dllm_export.serve.triton import write_repository
+
+    model = write_repository(source, out_dir, name, instances, max_queue_delay_us, provider,
+                             threads, overwrite)
+    click.echo(str(model))
+
 @main.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
