@@ -333,7 +333,7 @@ def test_engine_matches_onnxruntime_on_the_decode_head(tmp_path, request, family
     profile = gpu_profile(tmp_path)
     tiny_dir = request.getfixturevalue("tiny_dir")  # only once a GPU is known to be there
     artifact = tmp_path / "artifact"
-    export_model(tiny_dir(family), artifact, ExportOptions(seq_len=64))
+    export_model(tiny_dir(family), artifact, ExportOptions(seq_len=64, target="tensorrt"))
     engine_dir = tmp_path / "engine"
     build_engine(artifact, profile, engine_dir, BuildOptions(precision="fp32"))
     trt_backend, manifest = open_backend(engine_dir)
@@ -534,7 +534,7 @@ def test_tensorrt_backend_keeps_the_cache_on_the_device(tmp_path, fakes, artifac
     from dllm_export.runtime.backends.onnxruntime import OrtBackend
     from dllm_export.runtime.generate import SamplerConfig, Special, denoise
 
-    source = artifact("llada")  # exported before the fakes replace tensorrt
+    source = artifact("llada", target="tensorrt")  # exported before the fakes replace tensorrt
     log = fakes()
     engine = tmp_path / "engine"
     manifest = build_engine(source, load_profile("h100-sxm"), engine,

@@ -2,9 +2,9 @@
 
 Forms (``ATTENTION_FORMS``; ``resolve_attention`` picks one per target):
 
-* ``mha``: ONNX Runtime's ``com.microsoft::MultiHeadAttention``. Queries go in as
-  ``[B, Lq, H*Dh]``, keys and values as BNSH ``[B, H, K, Dh]`` (grouped heads repeated
-  first: the op wants as many key heads as query heads). A key-padding bias (the canvas
+* ``mha``: ONNX Runtime's ``com.microsoft::MultiHeadAttention``. Queries, keys and values
+  go in as ``[B, S, H*Dh]`` (grouped heads repeated first: the op wants as many key heads
+  as query heads; with BNSH keys its CPU kernel would never take the flash path). A key-padding bias (the canvas
   graph) becomes ``key_padding_mask`` ``[B, K]``; any other bias (the cached graphs'
   visibility, block-causal for LLaDA2) goes in as ``attention_bias`` ``[B, 1, Lq, K]``.
 * ``onnx``: the standard ``Attention`` op (opset 23), BNSH in and out, grouped heads
@@ -113,8 +113,12 @@ def translation_table(form: str, opset: int) -> dict:
             v = op.Reshape(op.Expand(op.Unsqueeze(v, [2]), shape(batch, kv_heads, groups, keys,
                                                                   value_dim)),
                            shape(batch, heads, keys, value_dim))
-        query = op.Reshape(op.Transpose(q, perm=[0, 2, 1, 3]),
-                           shape(batch, queries, heads * head_dim))
+        # All three as [B, S, H*Dh]: with BNSH keys the CPU kernel never takes its flash
+        # path (MlasFlashAttention, used when there is no mask and no bias).
+        query, k, v = (op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]),
+                                  shape(batch, rows, heads * width))
+                       for x, rows, width in ((q, queries, head_dim), (k, keys, head_dim),
+                                              (v, keys, value_dim)))
         attrs = {"num_heads": heads, "scale": head_dim ** -0.5}
         if bias is None:
             return msft.MultiHeadAttention(query, k, v, **attrs)
