@@ -159,3 +159,29 @@ def test_fused_attention_op_matches_sdpa_with_grouped_heads():
     expected = reference.transpose(1, 2).reshape(2, 6, 32)
     torch.testing.assert_close(fused_attention(q, k, v, keys, True), expected)
     torch.testing.assert_close(attention(q, k, v, keys), expected)
+
+
+def test_unwrapped_graph_computes_the_same_predictions(artifact, tmp_path):
+    """passes.unwrap_unpadded_mask (what the quantisers see) keeps the masked node: the same
+    outputs as the If graph on an unpadded and on a left-padded canvas, to float rounding."""
+    import onnxruntime as ort
+
+    from dllm_export.export.passes import unwrap_unpadded_mask
+
+    directory = artifact("llada")
+    model = onnx.load(str(directory / "model.onnx"), load_external_data=False)
+    unwrap_unpadded_mask(model)
+    assert "If" not in {n.op_type for n in model.graph.node}
+    onnx.save(model, str(directory / "unwrapped.onnx"))  # beside its external weights
+    try:
+        sessions = [ort.InferenceSession(str(directory / name), providers=["CPUExecutionProvider"])
+                    for name in ("model.onnx", "unwrapped.onnx")]
+        ids = np.random.default_rng(0).integers(0, 300, size=(1, SEQ_LEN))
+        for pad in (0, 5):
+            mask = np.ones_like(ids)
+            mask[:, :pad] = 0
+            feeds = {"input_ids": ids, "attention_mask": mask}
+            fused, unwrapped = (s.run(["topk_logprobs"], feeds)[0] for s in sessions)
+            np.testing.assert_allclose(unwrapped, fused, atol=1e-5)
+    finally:
+        (directory / "unwrapped.onnx").unlink()

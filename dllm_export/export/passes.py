@@ -98,6 +98,27 @@ def skip_unpadded_mask(model) -> None:
             "else_branch", ir.Graph([], [out], nodes=[node], name="padded"))
 
 
+def unwrap_unpadded_mask(model) -> None:
+    """Undo ``skip_unpadded_mask`` on an ``onnx.ModelProto``: each ``If`` becomes its masked
+    branch (exact for every canvas). For quantisers: ONNX Runtime 1.32's
+    QDQPropagationTransformer aborts the process on a DequantizeLinear whose value reaches
+    an If body (an implicit input), so Q/DQ graphs keep attention outside control flow."""
+    graph = model.graph
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "If" and node.name.endswith("_if"):
+            (masked,) = next(a.g for a in node.attribute if a.name == "else_branch").node
+            masked.output[0] = node.output[0]
+            nodes.append(masked)
+        elif node.name not in ("attention_mask/ReduceMin", "attention_mask/Greater"):
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [i for i in graph.initializer if i.name != "attention_mask.zero"]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
 def strip_torch_metadata(model) -> None:
     for node in model.graph.all_nodes():
         for key in [k for k in node.metadata_props if k.startswith("pkg.torch") or k == "namespace"]:
