@@ -130,6 +130,15 @@ def open_checkpoint(directory: str | Path) -> Checkpoint:
     config, family = read_config(directory)
     gen_path = directory / "generation_config.json"
     generation_config = read_json(gen_path) if gen_path.is_file() else {}
+    # a ``diffusion`` section in config.json (block, mask token, sampler of a model converted
+    # to diffusion, e.g. ZAYA1-Diffusion, whose own config is not public) overrides
+    # generation_config.json
+    diffusion = config.get("diffusion")
+    if diffusion is not None:
+        if not isinstance(diffusion, dict):
+            raise DllmExportError(f"{directory / 'config.json'}: field 'diffusion' must be an "
+                                  "object (block_length, mask_token_id, tidar_sampler, mix)")
+        generation_config = {**generation_config, **diffusion}
     return Checkpoint(
         directory=directory,
         config=config,

@@ -89,8 +89,9 @@ def make_tiny(out_dir, family, seed, dtype, shards, overwrite):
 def sampler_options(func):
     """Sampler flags shared by generate, run, eval and profile (None: model default)."""
     options = [
-        click.option("--algorithm", type=click.Choice(["llada", "dream", "llada2"]), default=None,
-                     help="Unmasking loop (default: the family's own)."),
+        click.option("--algorithm", type=click.Choice(["llada", "dream", "llada2", "tidar"]),
+                     default=None, help="Unmasking loop (default: the family's own; tidar: "
+                                        "draft-and-verify for families with a next-token mode)."),
         click.option("--gen-length", type=int, default=None, help="Tokens to generate."),
         click.option("--steps", type=int, default=None, help="Denoising steps in total."),
         click.option("--block-length", type=int, default=None,
@@ -127,6 +128,11 @@ def sampler_options(func):
         click.option("--minimal-topk", type=int, default=None, help="llada2: LLaDA2.0's cap."),
         click.option("--eos-early-stop", is_flag=True, default=None,
                      help="llada2: stop a row as soon as its answer has ended."),
+        click.option("--tidar-sampler", type=click.Choice(["lossless", "logit-mix"]),
+                     default=None, help="tidar: accept drafts the autoregressive predictions "
+                                        "confirm (lossless), or blend both (logit-mix)."),
+        click.option("--mix", type=float, default=None,
+                     help="tidar logit-mix: the draft's weight, 0 (lossless) to 1."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -137,7 +143,7 @@ SAMPLER_KEYS = ("algorithm", "gen_length", "steps", "block_length", "remasking",
                 "alg", "alg_temp", "temperature", "top_p", "top_k", "cfg_scale",
                 "logits_eos_inf", "confidence_eos_eot_inf", "seed", "early_exit", "cache",
                 "attention", "editing_threshold", "max_post_steps", "minimal_topk",
-                "eos_early_stop")
+                "eos_early_stop", "tidar_sampler", "mix")
 
 
 def _sampler_overrides(kwargs) -> dict:
@@ -468,6 +474,8 @@ def build(artifact_dir, profile_name, out_dir, precision, via, weight_streaming,
                                         "peak_device_bytes", "engine_bytes") if key in done}
     click.echo(out_dir)
     _console().print(" ".join(f"{k}={v}" for k, v in stats.items()), style="dim")
+    if done.get("precision_from"):
+        _console().print(f"precision from: {done['precision_from']}", style="dim")
 
 
 @main.command("profile")

@@ -12,7 +12,10 @@ cache capacity, which equals ``L``: slot ``j`` holds canvas position ``j``):
   decode head already shifted (row p predicts position p).
 * ``prefill``: the full canvas under any ``attention_mask`` ``[B, L, L]``; every
   position's keys and values come out, so one call fills the cache.
-* ``step`` / ``window`` / ``decode``: ``Lq`` queries (a block, a block plus the masked
+* ``draft`` (families decoded draft-and-verify, instead of ``step`` and ``window``): a
+  block of pending tokens and a block of masks, ``2 * block_length`` rows, under the mask
+  ``runtime/attention.draft_verify_mask`` builds.
+* ``step`` / ``window`` / ``decode`` / ``draft``: ``Lq`` queries (a block, a block plus the masked
   suffix, one token) attend to ``[past | their own keys]`` under ``attention_mask``
   ``[B, Lq, C + Lq]``; their own keys and values come out.
 
@@ -36,8 +39,11 @@ CACHED_GRAPHS = ("prefill", "step", "window", "decode")
 DECODE_OUTPUTS = ("topk_ids", "topk_logprobs", "neg_entropy", "special_logprobs")
 CACHE_KINDS = ("key", "value")
 CACHE_LAYOUT = "BNSH"  # [batch, kv heads, slots, head dim]
+# "draft": draft-and-verify decoding (runtime/tidar.py): a block of pending tokens and a
+# block of masks; exported instead of step and window for the families that decode that
+# way (families.Family.cached_graphs)
 FILES = {"canvas": "model.onnx", "prefill": "prefill.onnx", "step": "step.onnx",
-         "window": "window.onnx", "decode": "decode.onnx"}
+         "window": "window.onnx", "decode": "decode.onnx", "draft": "draft.onnx"}
 
 
 @dataclass(frozen=True)
@@ -102,17 +108,29 @@ def canvas_graph(batch: int, length: int, topk: int, specials: int, vocab: int,
     return GraphSpec("canvas", FILES["canvas"], length, 0, inputs, out)
 
 
-def cache_names(layers: int, prefix: str) -> list[str]:
-    """``past_key_0, past_value_0, past_key_1, ...`` (or ``present_...``), layer-major."""
-    return [f"{prefix}_{kind}_{layer}" for layer in range(layers) for kind in CACHE_KINDS]
+KIND_MEANINGS = {"key": "keys of one layer, after RoPE", "value": "values of one layer",
+                 "conv": "the convolution's input (CCA's q/k projections) of one layer",
+                 "delayed": "the delayed value projection (CCA) of one layer"}
+
+
+def cache_names(layers: int, prefix: str, kinds=CACHE_KINDS) -> list[str]:
+    """``past_key_0, past_value_0, past_key_1, ...`` (or ``present_...``), layer-major, in
+    the family's per-layer order of ``kinds``."""
+    return [f"{prefix}_{kind}_{layer}" for layer in range(layers) for kind in kinds]
 
 
 def cached_graph(name: str, batch: int, queries: int, capacity: int, layers: int,
                  kv_heads: int, head_dim: int, cache_dtype: str, topk: int,
-                 specials: int) -> GraphSpec:
-    """The spec of a cached graph: ``prefill`` (no past) or ``step``/``window``/``decode``."""
-    if name not in CACHED_GRAPHS:
+                 specials: int, kinds: tuple | None = None) -> GraphSpec:
+    """The spec of a cached graph: ``prefill`` (no past) or ``step``/``window``/``decode``.
+
+    ``kinds``: ``(kind, heads, width)`` per per-layer state in the family's order (default:
+    keys and values of ``kv_heads`` x ``head_dim``); every state is ``[B, heads, slots,
+    width]`` with the slot axis third, so the runtime writes every kind the same way."""
+    if name not in FILES or name == "canvas":
         raise ValueError(f"unknown cached graph {name!r}")
+    kinds = kinds or tuple((kind, kv_heads, head_dim) for kind in CACHE_KINDS)
+    names = [kind for kind, _, _ in kinds]
     past = 0 if name == "prefill" else capacity
     inputs = [
         TensorSpec("input_ids", [batch, queries], "int64", "the query rows' tokens"),
@@ -120,13 +138,18 @@ def cached_graph(name: str, batch: int, queries: int, capacity: int, layers: int
         TensorSpec("attention_mask", [batch, queries, past + queries], "bool",
                    "True where a query may attend to a key: the past slots, then the rows"),
     ]
-    for tensor in cache_names(layers, "past") if past else []:
-        inputs.append(TensorSpec(tensor, [batch, kv_heads, capacity, head_dim], cache_dtype,
-                                 "cached keys or values of one layer, after RoPE"))
+    shapes = {kind: (heads, width) for kind, heads, width in kinds}
+    for tensor in cache_names(layers, "past", names) if past else []:
+        kind = tensor.split("_")[1]
+        heads, width = shapes[kind]
+        inputs.append(TensorSpec(tensor, [batch, heads, capacity, width], cache_dtype,
+                                 "cached " + KIND_MEANINGS[kind]))
     outputs = head_outputs(batch, queries, topk, specials)
-    for tensor in cache_names(layers, "present"):
-        outputs.append(TensorSpec(tensor, [batch, kv_heads, queries, head_dim], cache_dtype,
-                                  "the rows' own keys or values of one layer, after RoPE"))
+    for tensor in cache_names(layers, "present", names):
+        kind = tensor.split("_")[1]
+        heads, width = shapes[kind]
+        outputs.append(TensorSpec(tensor, [batch, heads, queries, width], cache_dtype,
+                                  "the rows' own " + KIND_MEANINGS[kind]))
     return GraphSpec(name, FILES[name], queries, past, inputs, outputs)
 
 
@@ -135,7 +158,7 @@ def cached_rows(name: str, length: int, block_length: int, window: int, shift: i
     block-plus-suffix of prefix caching (window), one token (decode); a shifted family
     feeds one position more (the one before the block)."""
     return {"prefill": length, "step": block_length + shift, "window": window + shift,
-            "decode": 1}[name]
+            "decode": 1, "draft": 2 * block_length}[name]
 
 
 def check_version(manifest: dict, origin: str) -> int:

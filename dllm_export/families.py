@@ -19,7 +19,7 @@ from dllm_export.model_shape import ModelShape
 
 # runtime/cache.py implements these; "block" is exact only under the block-causal rule.
 CACHE_MODES = ("none", "prefix", "dual", "block")
-ATTENTION_RULES = ("bidirectional", "block_causal")
+ATTENTION_RULES = ("bidirectional", "block_causal", "causal")
 POSITION_RULES = ("absolute", "real_count")
 
 
@@ -36,6 +36,10 @@ class Family:
     shift_logits: bool = False  # row p of the output predicts position p + 1 (Dream)
     attention: str = "bidirectional"
     cache_modes: tuple = CACHE_MODES
+    # the cached graphs an export makes (contract.py); draft-and-verify families: DRAFT_GRAPHS
+    cached_graphs: tuple = ("prefill", "step", "window", "decode")
+    # draft-and-verify: a mask row predicts its own position (TiDAR) or the next (Dream)
+    draft_shift: bool = False
     # the config keys the readers use: key -> (type, least value for ints), checked before
     # anything reads the config (``"d_model": "64"`` or ``"n_heads": 0`` is one line)
     schema: dict = field(default_factory=dict)
@@ -43,8 +47,8 @@ class Family:
 
     @property
     def default_cache(self) -> str:
-        """Exact by default: the block cache where the model is block-causal."""
-        return "block" if self.attention == "block_causal" else "none"
+        """Exact by default: the block cache where the model is block-causal (or causal)."""
+        return "none" if self.attention == "bidirectional" else "block"
 
 
 def _required(config: dict, names: tuple[str, ...], family: str, path) -> None:
@@ -155,6 +159,43 @@ def _llada2_shape(config: dict, path) -> ModelShape:
     )
 
 
+def _zaya_shape(config: dict, path) -> ModelShape:
+    names = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "moe_intermediate_size", "num_experts")
+    _required(config, names, "ZAYA1", path)
+    layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    heads, kv_heads, head_dim = (config["num_attention_heads"], config["num_key_value_heads"],
+                                 config["head_dim"])
+    experts, width = config["num_experts"], config.get("router_hidden_size") or 256
+    channels = (heads + kv_heads) * head_dim
+    taps0, taps1 = config.get("cca_time0") or 2, config.get("cca_time1") or 2
+    conv = channels * taps0 + channels * head_dim * taps1 + 2 * channels + kv_heads
+    # the router beyond the hidden x experts that ModelShape counts: its down-projection,
+    # MLP, balancing biases and state scale; the residual scales (8 vectors per layer)
+    router = (hidden * width + width + 2 * (width * width + width) + width
+              + width * (experts + 1) + (experts + 1) - hidden * experts)
+    return ModelShape(
+        family="zaya1",
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab=config["vocab_size"],
+        tied_embeddings=bool(config.get("tie_word_embeddings", True)),
+        dense_layers=0,
+        dense_intermediate=0,
+        moe_layers=layers,
+        experts=experts,
+        experts_per_token=1,
+        expert_intermediate=config["moe_intermediate_size"],
+        attention_extra=conv + router + 8 * hidden,
+        extra_cache=(("conv", 1, channels), ("delayed", 1, kv_heads * head_dim // 2)),
+        # the input scale and bias; the router state scale of every layer but the first
+        extra_parameters=2 * hidden + (layers - 1) * width,
+    )
+
+
 LLADA2_TYPES = ("llada2_moe", "llada2_moe_veomni", "llada21_moe", "llada21_moe_veomni")
 
 
@@ -199,10 +240,22 @@ REGISTRY: dict[str, Family] = {
                                        (int, 1)),
                        "first_k_dense_replace": (int, 0), "num_shared_experts": (int, 0),
                        "tie_word_embeddings": (bool,), "use_qk_norm": (bool,)}),
+        # ZAYA1 (transformers' ZayaForCausalLM): autoregressive; decoded draft-and-verify
+        # (TiDAR) with its exact causal cache.
+        Family("zaya1", "zaya1", lambda c: c.get("model_type") == "zaya", _zaya_shape,
+               dict(algorithm="tidar", gen_length=128, steps=128, block_length=16),
+               shift_logits=True, attention="causal", cache_modes=("block",),
+               cached_graphs=("prefill", "draft", "decode"),
+               schema={**dict.fromkeys(("vocab_size", "hidden_size", "num_hidden_layers",
+                                        "num_attention_heads", "num_key_value_heads",
+                                        "head_dim", "moe_intermediate_size", "num_experts",
+                                        "num_experts_per_tok", "router_hidden_size",
+                                        "cca_time0", "cca_time1"), (int, 1)),
+                       "tie_word_embeddings": (bool,)}),
         Family("dream", "dream",
                lambda c: isinstance(c.get("model_type"), str) and c["model_type"].lower() == "dream",
                _dream_shape, dict(algorithm="dream", gen_length=128, steps=128, alg="entropy"),
-               positions="real_count", shift_logits=True,
+               positions="real_count", shift_logits=True, draft_shift=True,
                schema={**dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size",
                                         "num_hidden_layers", "num_attention_heads",
                                         "num_key_value_heads"), (int, 1)),

@@ -29,7 +29,11 @@ class ModelShape:
     experts_per_token: int = 0
     expert_intermediate: int = 0
     shared_intermediate: int = 0  # a shared expert every token passes through (0: none)
-    attention_extra: int = 0  # per-layer biases and q/k norm weights
+    attention_extra: int = 0  # per-layer biases, q/k norm weights, other small tensors
+    extra_parameters: int = 0  # small tensors outside the layers (ZAYA1's input scaling)
+    # per-layer cache state besides keys and values, (kind, heads, width) each, before
+    # them in the layer's order (ZAYA1's CCA: its convolution input and delayed value)
+    extra_cache: tuple = ()
 
     @property
     def q_width(self) -> int:
@@ -38,6 +42,16 @@ class ModelShape:
     @property
     def kv_width(self) -> int:
         return self.kv_heads * self.head_dim
+
+    def cache_kinds(self) -> tuple:
+        """Every per-layer cache state as (kind, heads, width), in the layer's order."""
+        return (*self.extra_cache, ("key", self.kv_heads, self.head_dim),
+                ("value", self.kv_heads, self.head_dim))
+
+    @property
+    def cache_width(self) -> int:
+        """Cached elements per layer per token."""
+        return sum(heads * width for _, heads, width in self.cache_kinds())
 
     # Parameters split by how quantisation treats them: "matrices" are quantised, the rest
     # (embedding, LM head, routers, norms, biases) stays in 16-bit.
@@ -59,7 +73,7 @@ class ModelShape:
         embedding_and_head = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
         routers = self.moe_layers * self.hidden * self.experts
         norms = self.layers * (2 * self.hidden + self.attention_extra) + self.hidden
-        return embedding_and_head + routers + norms
+        return embedding_and_head + routers + norms + self.extra_parameters
 
     def total_parameters(self) -> int:
         return self.matrix_parameters() + self.kept_parameters()

@@ -121,9 +121,10 @@ def _cost(flops: float, nbytes: float, profile, precision: str) -> StepCost:
 
 
 def kv_cache_bytes(shape: ModelShape, precision: str, batch: int, context: int) -> float:
-    """Bytes of the keys and values of ``context`` tokens (stored at the activation
-    precision), which a cached forward reads on top of the weights."""
-    return 2 * shape.layers * batch * context * shape.kv_width * activation_bytes(precision)
+    """Bytes of the keys and values (and any other per-layer cache state) of ``context``
+    tokens (stored at the activation precision), which a cached forward reads on top of the
+    weights."""
+    return shape.layers * batch * context * shape.cache_width * activation_bytes(precision)
 
 
 def call_cost(shape: ModelShape, profile, precision: str, batch: int, queries: int,

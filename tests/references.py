@@ -234,6 +234,7 @@ class PositionBiased(torch.nn.Module):
         super().__init__()
         self.inner = model
         self.shift_logits = model.shift_logits
+        self.cache_kinds = getattr(model, "cache_kinds", ("key", "value"))
         generator = torch.Generator().manual_seed(seed)
         vocab = getattr(model.args, "embedding_size", None) or model.args.vocab_size
         spread = (0.5 + 0.75 * torch.rand(rows, 1, generator=generator) if scale is None

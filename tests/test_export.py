@@ -126,8 +126,11 @@ def test_failed_validation_marks_the_artifact_invalid(tiny_dir, tmp_path, monkey
     monkeypatch.setitem(validate.BARS, "fp32", {"top1_agreement": 0.5,
                                                 "logprob_tolerance": 1e-12, "percentile": 100})
     out = tmp_path / "invalid"
-    with pytest.raises(DllmExportError, match=r"validation against PyTorch failed \(mask_0.5: "
-                                              r"max log-probability difference .* > 1e-12 \|"):
+    # the message names the first failing case and its check (which cases miss a 1e-12 bar
+    # depends on the CPU's kernels: some machines compute mask_0.1 exactly)
+    with pytest.raises(DllmExportError, match=r"validation against PyTorch failed \("
+                                              r"(mask_0\.\d|left_padded): max log-probability "
+                                              r"difference .* > 1e-12"):
         export_model(tiny_dir("llada"), out, ExportOptions(seq_len=32))
     assert json.loads((out / "manifest.json").read_text())["valid"] is False
     with pytest.raises(DllmExportError, match=r"manifest.json.*not valid|marked invalid|valid"):

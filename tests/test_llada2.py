@@ -210,6 +210,30 @@ def test_export_validates_and_runs_the_block_cache_on_onnx_runtime(artifact, tin
         assert got.sequences.tolist() == want.sequences.tolist(), cache
 
 
+def test_many_experts_for_tensorrt_get_a_form_per_graph(tmp_path):
+    """--moe auto --target tensorrt with more than 16 experts: the sparse form where a graph
+    has more than DENSE_ROWS rows (canvas, prefill), dense in the step, window and decode
+    graphs; every graph parser-clean and the whole export validated against PyTorch."""
+    import onnx
+
+    from dllm_export.export.onnx import ExportOptions, export_model
+    from dllm_export.models.tiny import make_tiny
+
+    checkpoint = make_tiny("llada2", tmp_path / "ckpt",
+                           overrides={"num_experts": 32, "n_group": 4, "topk_group": 2})
+    manifest = export_model(checkpoint, tmp_path / "art", ExportOptions(
+        seq_len=48, block_length=8, window=16, target="tensorrt"))
+    assert manifest["valid"] and manifest["trt_compatibility"]["clean"]
+    forms = {name: graph["form"] for name, graph in manifest["moe"]["graphs"].items()}
+    assert forms == {"canvas": "sparse", "prefill": "sparse", "step": "dense",
+                     "window": "dense", "decode": "dense"}
+    assert manifest["moe"]["strategy"] == "sparse" and manifest["moe"]["block"] == 4  # 48 x 4 / 32 = 6 routed rows per expert
+    for name, form in forms.items():  # the sparse form scatters rows into expert blocks
+        file = manifest["graph"]["file"] if name == "canvas" else f"{name}.onnx"
+        graph = onnx.load(str(tmp_path / "art" / file), load_external_data=False).graph
+        assert ("ScatterND" in {n.op_type for n in graph.node}) == (form == "sparse"), name
+
+
 @pytest.mark.skipif(not (REFERENCE / "llada2-mini").is_dir(), reason="no shared reference")
 def test_inspect_answers_from_the_published_config():
     from click.testing import CliRunner

@@ -246,8 +246,9 @@ def test_cli_plan_for_the_real_config(tmp_path):
 
 @needs_reference
 def test_unsupported_family_is_said_clearly():
-    with pytest.raises(DllmExportError, match="model_type 'zaya' is not a supported family"):
-        plan_model(REFERENCE / "zaya1-8b", load_profile("h100-sxm"))
+    with pytest.raises(DllmExportError,
+                       match="model_type 'diffusion_gemma' is not a supported family"):
+        plan_model(REFERENCE / "diffusiongemma-26b-a4b", load_profile("h100-sxm"))
 
 
 def write_artifact(directory: Path, config: dict, precision="int4", seq_len=128) -> Path:
@@ -288,14 +289,18 @@ def test_resolve_precision_rules():
 
 
 def test_moe_auto_picks_the_form_per_target():
-    from dllm_export.export.onnx import DENSE_EXPERTS, resolve_moe
+    from dllm_export.export.onnx import DENSE_EXPERTS, DENSE_ROWS, resolve_moe
 
-    # few experts: dense everywhere; many: the fused op on ONNX Runtime, the parser-clean
-    # sparse form for TensorRT; an explicit --moe is never second-guessed
-    assert resolve_moe("auto", DENSE_EXPERTS, "tensorrt") == "dense"
-    assert resolve_moe("auto", 64, "onnxruntime") == "ort"
+    # few experts: dense everywhere; many: the fused op on ONNX Runtime; for TensorRT the
+    # parser-clean sparse form, except in graphs of up to DENSE_ROWS rows, where dense is
+    # memory-bound; an explicit --moe is never second-guessed
+    assert resolve_moe("auto", DENSE_EXPERTS, "tensorrt", 4096) == "dense"
+    assert resolve_moe("auto", 64, "onnxruntime", 1) == "ort"
+    assert resolve_moe("auto", 256, "tensorrt", DENSE_ROWS + 1) == "sparse"
+    assert resolve_moe("auto", 256, "tensorrt", DENSE_ROWS) == "dense"
     assert resolve_moe("auto", 256, "tensorrt") == "sparse"
-    assert resolve_moe("dense", 256, "onnxruntime") == "dense"
+    assert resolve_moe("dense", 256, "onnxruntime", 4096) == "dense"
     shape = dataclasses.replace(model_shape(TINY_MOE), experts=64)
-    assert Workload(shape, 1, 4).strategy == "sparse"  # plan's default: a TensorRT device
-    assert Workload(shape, 1, 4, target="onnxruntime").strategy == "ort"
+    assert Workload(shape, 1, 256).strategy == "sparse"  # plan's default: a TensorRT device
+    assert Workload(shape, 1, 32).strategy == "dense"
+    assert Workload(shape, 1, 256, target="onnxruntime").strategy == "ort"

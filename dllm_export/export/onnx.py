@@ -43,17 +43,35 @@ TARGETS = ("onnxruntime", "tensorrt")
 # one every quantiser reaches). Beyond, dense computes E/k times the routed FLOPs (32x at
 # 256 experts, top-8), so: ONNX Runtime's fused MoE op for ONNX Runtime targets (LLaDA2
 # with 64 experts, 32 tokens: 5.9 ms against dense 18.1, sparse 24.0; benchmarks/
-# bench_moe_strategies), the parser-clean sparse form (routed rows only) for TensorRT.
+# bench_moe_strategies), and for TensorRT, per graph, the parser-clean sparse form (routed
+# rows only) where there are more than DENSE_ROWS rows. Up to DENSE_ROWS the dense form is
+# memory-bound on every shipped TensorRT device: it does 2 FLOPs per weight per row, so with
+# INT4 weights (what fits LLaDA2-mini on an Orin) 4 x 32 = 128 FLOP per byte, under the
+# lowest fp16 ridge point of those profiles (147, Orin NX). There a step reads every expert
+# once either way (32 rows x top-8 reach nearly all of 256), and dense spares the sparse
+# form's gathered copy of those weights (1.5 GiB per layer for LLaDA2-mini's step; plan).
 DENSE_EXPERTS = 16
+DENSE_ROWS = 32
 
 
-def resolve_moe(strategy: str, experts: int, target: str = "onnxruntime") -> str:
-    """The MoE form an export makes (torch-free: plan sizes the same one)."""
+def resolve_moe(strategy: str, experts: int, target: str = "onnxruntime",
+                rows: int | None = None) -> str:
+    """The MoE form an export makes for a graph of ``rows`` token rows (None: a canvas too
+    large to say); torch-free, so plan sizes the same one."""
     if strategy != "auto":
         return strategy
     if experts <= DENSE_EXPERTS:
         return "dense"
-    return "ort" if target == "onnxruntime" else "sparse"
+    if target == "onnxruntime":
+        return "ort"
+    return "dense" if rows is not None and rows <= DENSE_ROWS else "sparse"
+
+
+def moe_form(options: "ExportOptions", experts: int, top_k: int, rows: int) -> dict:
+    """One graph's MoE form and, for the sparse form, its rows per expert block."""
+    form = resolve_moe(options.requested_moe or options.moe, experts, options.target, rows)
+    block = (options.moe_block or sparse_block(rows, top_k, experts)) if form == "sparse" else None
+    return {"form": form, "block": block}
 
 
 def sparse_block(tokens: int, top_k: int, experts: int) -> int:
@@ -245,13 +263,14 @@ def _cached_specs(checkpoint, options: ExportOptions, defaults, special_count: i
             f"--block-length {block} / --window {window} (+{shift} for a shifted family) do "
             f"not fit --seq-len {length}")
     specs = {}
-    for name in contract.CACHED_GRAPHS:
+    for name in entry.cached_graphs:
         rows = contract.cached_rows(name, length, block, window, shift)
         specs[name] = contract.cached_graph(
             name, options.batch, rows, length, shape.layers, shape.kv_heads, shape.head_dim,
-            TORCH_DTYPE_NAMES[options.dtype], options.topk, special_count)
+            TORCH_DTYPE_NAMES[options.dtype], options.topk, special_count, shape.cache_kinds())
     return {"block_length": block, "window": window, "shift": shift, "specs": specs,
-            "layers": shape.layers, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim}
+            "layers": shape.layers, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim,
+            "kinds": [kind for kind, _, _ in shape.cache_kinds()]}
 
 
 def _export_cached(model, head, cached: dict, tmp: Path, options, has_moe, report) -> None:
@@ -266,9 +285,10 @@ def _export_cached(model, head, cached: dict, tmp: Path, options, has_moe, repor
     blocks = getattr(model, "moe_blocks", lambda: [])()
     for name, spec in cached["specs"].items():
         report("trace", f"{name} graph, {spec.queries} query rows over {spec.capacity} slots")
-        if blocks and options.moe == "sparse" and options.moe_block is None:
-            set_moe_strategy(model, "sparse", sparse_block(
-                options.batch * spec.queries, blocks[0].top_k, len(blocks[0].experts)))
+        if blocks:
+            form = moe_form(options, len(blocks[0].experts), blocks[0].top_k,
+                            options.batch * spec.queries)
+            set_moe_strategy(model, form["form"], form["block"])
         module = CachedDenoiser(model, head, cached["layers"], with_past=spec.capacity > 0)
         program = _trace(module, _example(spec, dtype), spec, options, has_moe)
         run_passes(program.model)
@@ -283,20 +303,21 @@ def _manifest(checkpoint, options, special, tokenizer, model, canvas, defaults, 
     moe_blocks = getattr(model, "moe_blocks", lambda: [])()
     moe = None
     if moe_blocks:
-        first = moe_blocks[0]
-        strategy = options.moe
-        block = None
-        if strategy == "sparse":  # the canvas graph's block (each cached graph has its own)
-            block = options.moe_block or sparse_block(
-                options.batch * options.seq_len, first.top_k, len(first.experts))
-        moe = {"strategy": strategy, "requested": options.requested_moe, "block": block,
-               "target": options.target, "experts": len(first.experts), "top_k": first.top_k}
+        experts, top_k = len(moe_blocks[0].experts), moe_blocks[0].top_k
+        rows = {"canvas": options.batch * options.seq_len}
+        rows.update({name: options.batch * spec.queries
+                     for name, spec in (cached["specs"] if cached else {}).items()})
+        graphs = {name: moe_form(options, experts, top_k, count) for name, count in rows.items()}
+        # strategy and block: the canvas graph's; graphs: each graph's own
+        moe = {"strategy": graphs["canvas"]["form"], "requested": options.requested_moe,
+               "block": graphs["canvas"]["block"], "target": options.target,
+               "experts": experts, "top_k": top_k, "graphs": graphs}
     special_ids = [t for t in (special.eos_id, special.eot_id) if t is not None]
     cache = None
     if cached:
         cache = {
             "capacity": options.seq_len, "layout": contract.CACHE_LAYOUT,
-            "kinds": list(contract.CACHE_KINDS), "stored": "after RoPE",
+            "kinds": cached["kinds"], "stored": "after RoPE",
             "dtype": TORCH_DTYPE_NAMES[options.dtype], "layers": cached["layers"],
             "kv_heads": cached["kv_heads"], "head_dim": cached["head_dim"],
             "block_length": cached["block_length"], "window": cached["window"],
@@ -392,12 +413,12 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
     has_moe = bool(blocks)
     if has_moe:
         experts, top_k = len(blocks[0].experts), blocks[0].top_k
-        options = dataclasses.replace(options, requested_moe=options.moe,
-                                      moe=resolve_moe(options.moe, experts, options.target))
+        options = dataclasses.replace(options, requested_moe=options.moe)
+        canvas_moe = moe_form(options, experts, top_k, options.batch * options.seq_len)
+        options = dataclasses.replace(options, moe=canvas_moe["form"])
         report("moe", f"{options.moe} form for {experts} experts (--moe {options.requested_moe},"
                       f" --target {options.target})")
-        set_moe_strategy(model, options.moe, options.moe_block or sparse_block(
-            options.batch * options.seq_len, top_k, experts))
+        set_moe_strategy(model, canvas_moe["form"], canvas_moe["block"])
     special_ids = tuple(t for t in (special.eos_id, special.eot_id) if t is not None)
     head = DecodeHead(options.topk, special_ids) if options.outputs == "decode" else None
     canvas = contract.canvas_graph(options.batch, options.seq_len, options.topk,
@@ -410,6 +431,8 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
     defaults = fit_generation_defaults(
         sampler_defaults(checkpoint.family, checkpoint.generation_config), options.seq_len)
     cached = _cached_specs(checkpoint, options, defaults, len(special_ids)) if options.cache else None
+    if cached and "draft" in cached["specs"]:  # draft-and-verify drafts the exported block
+        defaults = dataclasses.replace(defaults, block_length=cached["block_length"])
     manifest = _manifest(checkpoint, options, special, tokenizer, model, canvas, defaults, cached)
     with atomic_directory(out_dir, overwrite=options.overwrite, inputs=(model_dir,)) as tmp:
         report("save", "model.onnx + external data")

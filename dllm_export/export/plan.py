@@ -78,7 +78,8 @@ class Workload:
     def strategy(self) -> str:
         """The MoE form the export makes (``auto`` resolved as the exporter does for the
         device's engine library)."""
-        return resolve_moe(self.moe_strategy, self.shape.experts, self.target)
+        return resolve_moe(self.moe_strategy, self.shape.experts, self.target,
+                           self.batch * self.seq_len)
 
     @property
     def block(self) -> int:
@@ -364,8 +365,12 @@ def plan_model(source: str | Path, profile: DeviceProfile, precision: str | None
         "decode head",
     ]
     if work.shape.moe_layers:
+        step = work.at(work.block_length)
         notes.append(f"MoE graph form: {work.strategy}"
-                     + (f" (block {work.block})" if work.strategy == "sparse" else ""))
+                     + (f" (block {work.block})" if work.strategy == "sparse" else "")
+                     + (f"; the cached step's: {step.strategy}"
+                        + (f" (block {step.block})" if step.strategy == "sparse" else "")
+                        if work.cached else ""))
     if source.kind == "config":
         notes.append("planned from config.json: quantised precisions need dllm-export "
                      "quantize before build")

@@ -158,10 +158,12 @@ def cached_cases(reference, backend, manifest: dict, bars: dict):
         block_ids,
         cached_mask,
         canvas_mask,
+        draft_verify_mask,
         rope_positions,
     )
 
     cache = manifest["cache"]
+    graphs = cache.get("graphs") or {}
     _, ids, attention, _ = validation_canvases(manifest)[-1]  # left-padded, half masked
     batch, length = ids.shape
     block, shift = cache["block_length"], cache["shift"]
@@ -189,7 +191,7 @@ def cached_cases(reference, backend, manifest: dict, bars: dict):
         ref, got = both("prefill", ids, positions, canvas_mask(rule, real, blocks))
         yield f"prefill/{rule}", _compare_rows(ref, got, real, bars)
         valid = np.zeros((batch, length), dtype=bool)
-        if rule == "block_causal":
+        if rule == "block_causal" and "step" in graphs:
             valid[:, :start] = True
             first = start - shift
             yield "step/block_causal", window(first, start + block, valid, rule)
@@ -200,12 +202,30 @@ def cached_cases(reference, backend, manifest: dict, bars: dict):
             if last > start + block:  # reads what the commit wrote
                 yield "step-after-commit/block_causal", window(
                     start + block - shift, last, valid, rule)
-        elif rule == "bidirectional":
+        elif rule == "bidirectional" and "window" in graphs:
             valid[:, : start - shift] = True
             yield "window/bidirectional", window(start - shift, length, valid, rule)
-        else:
+        elif rule == "causal":
             valid[:, :start] = True
             yield "decode/causal", window(start, start + 1, valid, rule)
+            if "draft" in graphs:  # pending block (causal) + mask block, then one reading it
+                for name, first in (("draft", start), ("draft-after-commit", start + block)):
+                    if first + 2 * block > length:
+                        break
+                    rows = backend.rows_for(2 * block)
+                    pending, masks = np.arange(first, first + block), np.arange(first + block, first + 2 * block)
+                    query = np.full((batch, rows), -1, dtype=np.int64)
+                    query[:, :block], query[:, block:2 * block] = pending, masks
+                    safe = np.where(query >= 0, query, 0)
+                    mask = np.concatenate([draft_verify_mask(pending, masks, rows, valid[b:b + 1],
+                                                             real[b:b + 1], block)
+                                           for b in range(batch)])
+                    ref, got = both("cached_step", np.take_along_axis(ids, safe, 1),
+                                    np.take_along_axis(positions, safe, 1), mask)
+                    yield f"{name}/causal", _compare_rows(ref, got, query >= 0, bars)
+                    for side in (reference, backend):
+                        side.commit((0, first, block))
+                    valid[:, first:first + block] = True
 
 
 def run_validation(reference, backend, manifest: dict, progress=None) -> dict:

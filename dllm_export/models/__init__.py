@@ -90,18 +90,23 @@ def load_model(directory: str | Path, dtype=None, progress=None):
     expected = dict(model.named_parameters())
     expected.update(dict(model.named_buffers()))
     weight_map = dict(checkpoint.weight_map)
+    # a family that stores tensors stacked (ZAYA1's experts) names the pieces it splits them
+    # into: ``expand(name, None, args)`` the names, ``expand(name, tensor, args)`` the views
+    expand = getattr(module, "expand", lambda name, tensor, args: None)
+    provides = {name: list(expand(name, None, args) or [name]) for name in weight_map}
     extra = {}
     if hasattr(module, "sanitize"):
         extra = module.sanitize({name: None for name in weight_map}, args)
         extra = {k: v for k, v in extra.items() if v is not None}
     for name in sorted(weight_map):
-        if name not in expected:
+        if not set(provides[name]) <= set(expected):
             raise DllmExportError(
                 f"{checkpoint.directory / weight_map[name]}: unexpected tensor '{name}' "
                 f"for family {checkpoint.family}; is config.json from the same model?"
             )
+    provided = {piece for pieces in provides.values() for piece in pieces}
     for name in expected:
-        if name not in weight_map and name not in extra:
+        if name not in provided and name not in extra:
             raise DllmExportError(
                 f"{checkpoint.directory}: tensor '{name}' is missing from the checkpoint"
             )
@@ -125,13 +130,15 @@ def load_model(directory: str | Path, dtype=None, progress=None):
                         f"{path}: tensor '{name}' is {str(tensor.dtype).replace('torch.', '')}; "
                         f"{checkpoint.family} stores floating-point weights (a quantised "
                         "checkpoint? export the float one and use dllm-export quantize)")
-                want = tuple(expected[name].shape)
-                if tuple(tensor.shape) != want:
-                    raise DllmExportError(
-                        f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, expected "
-                        f"{want} from config.json"
-                    )
-                _assign(model, name, tensor if keep else tensor.to(dtype))
+                pieces = expand(name, tensor, args) or {name: tensor}
+                for piece, value in pieces.items():
+                    want = tuple(expected[piece].shape)
+                    if tuple(value.shape) != want:
+                        fits = "expected" if piece == name else f"which does not fit '{piece}'"
+                        raise DllmExportError(
+                            f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, {fits} "
+                            f"{want} from config.json")
+                    _assign(model, piece, value if keep else value.to(dtype))
                 del tensor
                 if progress is not None:
                     progress(name)

@@ -69,8 +69,9 @@ class CachedDenoiser(nn.Module):
         self.with_past = with_past
 
     def forward(self, input_ids, position_ids, attention_mask, *past):
-        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)] if past else None
-        cache = KVCache(pairs)
+        kinds = len(getattr(self.model, "cache_kinds", ("key", "value")))
+        layers = [past[kinds * i:kinds * (i + 1)] for i in range(self.layers)] if past else None
+        cache = KVCache(layers, kinds)
         logits = self.model(input_ids, positions=position_ids, visible=attention_mask, cache=cache)
         outputs = (logits,) if self.head is None else tuple(self.head(logits))
-        return (*outputs, *(t for pair in cache.presents for t in pair))
+        return (*outputs, *(t for states in cache.presents for t in states))

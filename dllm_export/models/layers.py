@@ -84,22 +84,31 @@ def padding_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype):
 class KVCache:
     """What one call attends to besides its own keys, and the keys it produced.
 
-    ``past``: one ``(keys, values)`` pair per layer, each ``[B, Hkv, C, Dh]``, or None (a
-    call with nothing cached). After the call ``presents`` holds each layer's own
-    ``(keys, values)`` ``[B, Hkv, Lq, Dh]``; whoever owns the cache decides where they go.
+    ``past``: one tuple per layer of its ``kinds`` states (keys and values ``[B, Hkv, C,
+    Dh]``; a family with more state, such as ZAYA1's convolution input, puts it first), or
+    None (a call with nothing cached). Each ``update_and_fetch(*states)`` call hands in the
+    next states of the current layer, in order, and gets ``[past | own]`` back along the
+    slot axis (2). After the call ``presents`` holds each layer's own states ``[B, heads,
+    Lq, width]``; whoever owns the cache decides where they go.
     """
 
-    def __init__(self, past=None):
+    def __init__(self, past=None, kinds: int = 2):
         self.past = list(past) if past is not None else None
-        self.presents: list[tuple] = []
+        self.kinds = kinds
+        self._own: list = []
 
-    def update_and_fetch(self, keys, values):
-        layer = len(self.presents)
-        self.presents.append((keys, values))
+    @property
+    def presents(self) -> list[tuple]:
+        own, kinds = self._own, self.kinds
+        return [tuple(own[i:i + kinds]) for i in range(0, len(own), kinds)]
+
+    def update_and_fetch(self, *states):
+        layer, first = divmod(len(self._own), self.kinds)
+        self._own.extend(states)
         if self.past is None:
-            return keys, values
-        past_keys, past_values = self.past[layer]
-        return torch.cat((past_keys, keys), dim=2), torch.cat((past_values, values), dim=2)
+            return states
+        past = self.past[layer][first:first + len(states)]
+        return tuple(torch.cat((old, new), dim=2) for old, new in zip(past, states, strict=True))
 
 
 def attention_bias(visible, attention_mask, dtype: torch.dtype):

@@ -102,8 +102,8 @@ def weights_as_logits(weights, expert_ids, num_experts: int):
     """Router logits whose softmax top-k gives back ``expert_ids`` with ``weights``
     renormalised: the log of the normalised weights, -1e9 elsewhere. Returns (logits,
     the weights' sum per token, to scale the fused op's output by)."""
-    total = weights.sum(dim=-1, keepdim=True)
-    chosen = torch.log((weights / total).clamp_min(1e-30))
+    total = weights.sum(dim=-1, keepdim=True)  # 0 for ZAYA1's skip class: output 0
+    chosen = torch.log((weights / total.clamp_min(1e-30)).clamp_min(1e-30))
     onehot = expert_ids[..., None] == torch.arange(num_experts, device=expert_ids.device)
     logits = torch.where(onehot, chosen[..., None], torch.full_like(chosen[..., None], -1e9))
     return logits.max(dim=1).values, total
@@ -262,22 +262,24 @@ class SparseMoeBlock(nn.Module):
             return self.gate.route(x)
         return softmax_topk(self.gate(x), self.top_k, self.renormalize, self.expert_bias)
 
-    def _fused(self, x):
+    def _fused(self, x, routed=None):
         # com.microsoft::MoE wants nn.Linear layouts: fc1 [E, 2I, D], fc2 [E, D, I]
         fc1, fc2 = self.fc1t.transpose(1, 2), self.fc2t.transpose(1, 2)
         if not self.custom_router:  # the op's own softmax top-k is the router
             return moe_swiglu(x, self.gate(x), fc1, fc2, self.top_k, self.renormalize)
-        weights, expert_ids = self.route(x)
+        weights, expert_ids = routed if routed is not None else self.route(x)
         logits, total = weights_as_logits(weights, expert_ids, len(self.experts))
         return moe_swiglu(x, logits, fc1, fc2, self.top_k, True) * total.to(x.dtype)
 
-    def forward(self, x):
+    def forward(self, x, routed=None):
+        """``routed``: (weights, expert ids) of the rows when the router needs more than
+        ``x`` (ZAYA1's carries a state from layer to layer) and the caller ran it."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         if self.strategy == "ort":
-            out = self._fused(x)
+            out = self._fused(x, routed)
         else:
-            weights, expert_ids = self.route(x)
+            weights, expert_ids = routed if routed is not None else self.route(x)
             for hook in self.routing_hooks:
                 hook(expert_ids)
             if self.strategy == "dense":

@@ -82,6 +82,19 @@ def random_tensor(name: str, shape, generator, std: float = 0.02):
     import torch
 
     owner = name.split(".")[-2]
+    if name.endswith("qk_norm.temp"):  # ZAYA1's key temperature: zero would hide every key
+        return 0.5 + torch.rand(shape, generator=generator)
+    if name.endswith("_scale") and "norm" not in owner:  # ZAYA1's residual and input scales
+        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+    if ".conv_qk_" in name:  # CCA's convolutions: large enough that a wrong window shows
+        return 0.3 * torch.randn(shape, generator=generator)
+    if name.endswith("gate.balancing_biases"):  # ZAYA1's selection-only biases: the skip
+        # class's at -1, as transformers sets it on load, the experts' near it so it wins too
+        bias = -1.0 + 0.01 * torch.randn(shape, generator=generator)
+        bias[-1] = -1.0
+        return bias
+    if ".gate.router_mlp." in name or ".gate.down_proj." in name:  # ZAYA1's router MLP:
+        return 0.5 * torch.randn(shape, generator=generator)  # spread, so every class wins
     if "norm" in owner or owner == "ln_f":
         return 1.0 + 0.1 * torch.randn(shape, generator=generator)
     if name.endswith("gate.expert_bias"):  # LLaDA2's selection bias: it must matter in tests
@@ -156,6 +169,8 @@ def make_tiny(family: str, out_dir: str | Path, seed: int = 0, dtype: str = "bfl
     args = module.ModelArgs.from_dict(config)
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in module.Model(args).state_dict().items()}
+    if hasattr(module, "stack"):  # the checkpoint stores some tensors stacked (ZAYA1's experts)
+        shapes = module.stack(shapes, args)
     generator = torch.Generator().manual_seed(seed)
     state = (shapes, lambda name, shape: random_tensor(name, shape, generator))
     generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"],

@@ -49,7 +49,8 @@ def count_experts(
         return {}
     try:
         denoise(
-            generator.backend, [prompt_ids], config, generator.special, truncate=True
+            generator.backend, [prompt_ids], config, generator.special, truncate=True,
+            family=families.family(family),
         )
         diffusion = counter.per_layer()
         counter.counts = [[] for _ in counter.blocks]

@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from dllm_export import families
 from dllm_export.profiling.stats import (
     DeviceMemory,
     host_memory,
@@ -77,6 +78,7 @@ def diffusion_run(
         special,
         on_step=recorder,
         truncate=truncate,
+        family=families.family(generator.family),
     )
     answer = generator.answer_tokens(result.sequences[0, result.prompt_length :])
     return {

@@ -97,6 +97,31 @@ def cached_mask(rule: str, queries: np.ndarray, cache_valid: np.ndarray, real: n
     return visibility(rule, queries, keys, real, blocks, own=own)
 
 
+def draft_verify_mask(pending: np.ndarray, masks: np.ndarray, rows: int,
+                      cache_valid: np.ndarray, real: np.ndarray,
+                      mask_row: int | None = None) -> np.ndarray:
+    """``attention_mask`` ``[1, rows, C + rows]`` of a draft-and-verify call (``tidar.py``).
+
+    Rows ``0..len(pending)-1`` hold the pending positions and attend causally (the valid
+    cache, then each other); rows ``mask_row..`` (default: right after them) hold the mask
+    block, which attends to the valid cache, every pending row and itself; any other row
+    is padding and sees only itself.
+    """
+    capacity = cache_valid.shape[1]
+    count, drafted = len(pending), len(masks)
+    start = count if mask_row is None else mask_row
+    slots = cache_valid[0] & real[0]
+    mask = np.zeros((1, rows, capacity + rows), dtype=bool)
+    mask[0, :count, :capacity] = slots
+    mask[0, :count, capacity:capacity + count] = np.tril(np.ones((count, count), dtype=bool))
+    mask[0, start:start + drafted, :capacity] = slots
+    mask[0, start:start + drafted, capacity:capacity + count] = True
+    mask[0, start:start + drafted, capacity + start:capacity + start + drafted] = True
+    every = np.arange(rows)
+    mask[0, every, capacity + every] = True
+    return mask
+
+
 def canvas_mask(rule: str, real: np.ndarray, blocks: np.ndarray | None = None) -> np.ndarray:
     """``attention_mask`` ``[B, L, L]`` of a full-canvas call (the prefill graph)."""
     batch, length = real.shape

@@ -24,7 +24,7 @@ from dllm_export.runtime.block_decoding import common_origin, llada2_loop
 from dllm_export.runtime.prediction import summarize_logits
 
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
-ALGORITHMS = ("llada", "dream", "llada2")
+ALGORITHMS = ("llada", "dream", "llada2", "tidar")
 ATTENTION = ("bidirectional", "block_causal")
 
 
@@ -58,6 +58,9 @@ class SamplerConfig:
     editing_threshold: float | None = None
     max_post_steps: int = 16
     num_to_transfer: int = 1
+    # tidar (tidar.py): the acceptance rule and logit-mix's weight of the draft
+    tidar_sampler: str = "lossless"
+    mix: float = 0.5
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -82,6 +85,15 @@ class SamplerConfig:
                     "(with --block-length, and --threshold for Fast-dLLM decoding)")
             if self.alg not in DREAM_ALGS:
                 raise DllmExportError(f"--alg {self.alg!r}: choose one of {', '.join(DREAM_ALGS)}")
+            return
+        if self.algorithm == "tidar":
+            from dllm_export.runtime.tidar import SAMPLERS
+
+            if not self.block_length:
+                raise DllmExportError("--algorithm tidar drafts blocks: set --block-length")
+            if self.tidar_sampler not in SAMPLERS:
+                raise DllmExportError(f"--tidar-sampler {self.tidar_sampler!r}: choose one "
+                                      f"of {', '.join(SAMPLERS)}")
             return
         if self.algorithm == "llada2":
             if not self.block_length:
@@ -117,7 +129,7 @@ RANGES = (
     ("alg_temp", 0, True, None, False, float), ("eps", 0, False, 1, False, float),
     ("seed", 0, True, 2**63 - 1, True, int), ("minimal_topk", 1, True, MAX_TOKENS, True, int),
     ("editing_threshold", 0, True, 1, True, float), ("max_post_steps", 0, True, 1024, True, int),
-    ("num_to_transfer", 1, True, MAX_TOKENS, True, int),
+    ("num_to_transfer", 1, True, MAX_TOKENS, True, int), ("mix", 0, True, 1, True, float),
 )
 
 
@@ -358,6 +370,9 @@ def denoise(backend, prompts: list[list[int]], config: SamplerConfig, special: S
                 f"{' (CFG doubles the batch)' if config.cfg_scale > 0 else ''}; "
                 "re-export with a larger --batch"
             )
+    if config.algorithm == "tidar":
+        return _tidar(backend, prompts, canvas, attention, prompt_length, config, special,
+                      family, on_step)
     mode_name, rule = resolve_cache(config, family)
     rng = np.random.default_rng(config.seed)
     forwards = cache_modes.Forwards()
@@ -378,4 +393,46 @@ def denoise(backend, prompts: list[list[int]], config: SamplerConfig, special: S
     result.seconds = time.perf_counter() - started
     result.forwards = len(forwards.seconds)
     result.forward_seconds = forwards.seconds
+    return result
+
+
+def _tidar(backend, prompts, canvas, attention, prompt_length, config, special, family,
+           on_step) -> DenoiseResult:
+    """Draft-and-verify decoding (tidar.py), one sequence at a time: a family with a causal
+    mode and a next-token output (``shift_logits``)."""
+    from dllm_export.runtime.tidar import tidar_decode
+
+    if family is None or not family.shift_logits:
+        name = family.name if family is not None else "this model"
+        raise DllmExportError(
+            f"--algorithm tidar verifies drafts with next-token predictions, and {name}'s "
+            "row p predicts position p (no causal next-token mode); use its own algorithm")
+    result = DenoiseResult(sequences=canvas, prompt_length=prompt_length, cache="exact",
+                           attention="draft_verify")
+    started = time.perf_counter()
+    eos = tuple(t for t in (special.eos_id, special.eot_id) if t is not None)
+    accepted, steps = [], iter(range(1 << 62))
+    for row, prompt in enumerate(prompts):
+        def report(first, tokens, seconds, row=row):
+            if on_step is None:
+                return
+            committed = np.zeros(canvas.shape, dtype=bool)
+            start = prompt_length + first
+            canvas[row, start:start + len(tokens)] = tokens
+            committed[row, start:start + len(tokens)] = True
+            on_step(StepInfo(next(steps), first // config.block_length, canvas, committed,
+                             seconds))
+
+        tokens, stats = tidar_decode(
+            backend, list(prompt), config.gen_length, config.block_length, special.pad_id,
+            eos, config.temperature, config.tidar_sampler, config.mix, family.draft_shift,
+            special.mask_id, family.positions, config.seed + row, config.early_exit, report)
+        canvas[row, prompt_length:prompt_length + len(tokens)] = tokens
+        canvas[row, prompt_length + len(tokens):] = special.eos_id
+        result.forward_seconds += stats.forward_seconds
+        accepted += stats.accepted
+    result.forwards = len(result.forward_seconds)
+    result.step_seconds = list(result.forward_seconds)
+    result.accepted = accepted
+    result.seconds = time.perf_counter() - started
     return result

@@ -118,6 +118,13 @@ class Backend:
         arrays, rows = self._pad_rows([input_ids, position_ids, attention_mask])
         return self._run_cached_step(*arrays, write).rows(rows)
 
+    def commit(self, write) -> None:
+        """Store rows of the last cached call, decided after it ran (draft-and-verify keeps
+        only the drafts that passed): ``write=(first_row, first_slot, count)``."""
+        raise DllmExportError(
+            f"the {self.name} backend cannot keep rows after a call; draft-and-verify "
+            "decoding runs on ONNX Runtime, TensorRT or PyTorch")
+
     def _run_prefill(self, input_ids, position_ids, attention_mask) -> Prediction:
         self._no_cache()
 

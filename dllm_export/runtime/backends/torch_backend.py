@@ -43,7 +43,8 @@ class TorchBackend(Backend):
     def _run_logits(self, input_ids, attention_mask):
         return self._logits_tensor(input_ids, attention_mask).cpu().numpy()
 
-    # The cache is a list of (keys, values) tensors [B, Hkv, C, Dh] on the model's device.
+    # The cache is a list per layer of its states ((keys, values) [B, Hkv, C, Dh], after any
+    # other state the family keeps) on the model's device.
     has_cached_graphs = True
 
     def reset_cache(self, batch: int, capacity: int) -> None:
@@ -61,7 +62,7 @@ class TorchBackend(Backend):
         torch = self.torch
         tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
                    for a in (input_ids, position_ids, attention_mask)]
-        cache = KVCache(past)
+        cache = KVCache(past, len(getattr(self.model, "cache_kinds", ("key", "value"))))
         with torch.inference_mode():
             logits = self.model(tensors[0], positions=tensors[1], visible=tensors[2], cache=cache)
             ids, logprobs, entropy, special = (t.cpu().numpy() for t in self.head(logits))
@@ -71,7 +72,7 @@ class TorchBackend(Backend):
         if input_ids.shape[1] != self.capacity:
             raise ValueError(f"prefill of {input_ids.shape[1]} positions, cache of {self.capacity}")
         pred, presents = self._call(input_ids, position_ids, attention_mask, None)
-        self.kv = [(k.clone(), v.clone()) for k, v in presents]
+        self.kv = [tuple(t.clone() for t in states) for states in presents]
         return pred
 
     def _empty_cache(self, input_ids, position_ids):
@@ -81,16 +82,19 @@ class TorchBackend(Backend):
         one = np.ones((input_ids.shape[0], 1, 1), dtype=bool)
         _, presents = self._call(input_ids[:, :1], position_ids[:, :1], one, None)
         shape = lambda t: (*t.shape[:2], self.capacity, t.shape[3])
-        self.kv = [(torch.zeros(shape(k), dtype=k.dtype, device=k.device),
-                    torch.zeros(shape(v), dtype=v.dtype, device=v.device)) for k, v in presents]
+        self.kv = [tuple(torch.zeros(shape(t), dtype=t.dtype, device=t.device) for t in states)
+                   for states in presents]
 
     def _run_cached_step(self, input_ids, position_ids, attention_mask, write) -> Prediction:
         if self.kv is None:
             self._empty_cache(input_ids, position_ids)
-        pred, presents = self._call(input_ids, position_ids, attention_mask, self.kv)
+        pred, self._last_presents = self._call(input_ids, position_ids, attention_mask, self.kv)
         if write is not None:
-            row, slot, count = write
-            for (keys, values), (new_keys, new_values) in zip(self.kv, presents, strict=True):
-                keys[:, :, slot:slot + count] = new_keys[:, :, row:row + count]
-                values[:, :, slot:slot + count] = new_values[:, :, row:row + count]
+            self.commit(write)
         return pred
+
+    def commit(self, write) -> None:
+        row, slot, count = write
+        for states, new_states in zip(self.kv, self._last_presents, strict=True):
+            for state, new in zip(states, new_states, strict=True):
+                state[:, :, slot:slot + count] = new[:, :, row:row + count]
