@@ -233,8 +233,16 @@ class _StageProgress:
                    "up to 16 experts, beyond ort for --target onnxruntime, sparse for "
                    "tensorrt.")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
-              show_default=True, help="Where the graphs will run: picks the MoE form of "
-                                      "--moe auto for models with many experts.")
+              show_default=True, help="Where the graphs will run: picks the attention form "
+                                      "of --attention auto and the MoE form of --moe auto "
+                                      "for models with many experts.")
+@click.option("--attention", default="auto", show_default=True,
+              type=click.Choice(["auto", "mha", "onnx", "decomposed"]),
+              help="Attention in the graph: mha (com.microsoft::MultiHeadAttention, ONNX "
+                   "Runtime's fused kernel), onnx (the standard Attention op, --opset 23: "
+                   "TensorRT 10.14+ IAttention and ONNX Runtime), decomposed (MatMul / "
+                   "Softmax / MatMul, which TensorRT fuses at any opset); auto: mha for "
+                   "--target onnxruntime, for tensorrt onnx at --opset 23+ else decomposed.")
 @click.option("--moe-block", type=int, default=None,
               help="Rows per expert block (sparse; default: about the routed rows per expert "
                    "of each graph).")
@@ -253,15 +261,15 @@ class _StageProgress:
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check.")
 @click.option("--overwrite", is_flag=True)
 @user_errors
-def export(model_dir, out_dir, seq_len, batch, dtype, moe, target, moe_block, outputs, topk,
-           opset, cache, block_length, window, no_validate, overwrite):
+def export(model_dir, out_dir, seq_len, batch, dtype, moe, target, attention, moe_block,
+           outputs, topk, opset, cache, block_length, window, no_validate, overwrite):
     """Export a checkpoint to a validated ONNX artifact."""
     from dllm_export.export.onnx import ExportOptions, export_model
 
     options = ExportOptions(seq_len=seq_len, batch=batch, dtype=dtype, moe=moe, moe_block=moe_block,
                             outputs=outputs, topk=topk, opset=opset, validate=not no_validate,
                             overwrite=overwrite, cache=cache, block_length=block_length,
-                            window=window, target=target)
+                            window=window, target=target, attention=attention)
     with _StageProgress() as progress:
         manifest = export_model(model_dir, out_dir, options, report=progress)
     _print_export_summary(out_dir, manifest)

@@ -341,7 +341,7 @@ def test_engine_matches_onnxruntime_on_the_decode_head(tmp_path, request, family
     profile = gpu_profile(tmp_path)
     tiny_dir = request.getfixturevalue("tiny_dir")  # only once a GPU is known to be there
     artifact = tmp_path / "artifact"
-    export_model(tiny_dir(family), artifact, ExportOptions(seq_len=64))
+    export_model(tiny_dir(family), artifact, ExportOptions(seq_len=64, target="tensorrt"))
     engine_dir = tmp_path / "engine"
     build_engine(artifact, profile, engine_dir, BuildOptions(precision="fp32"))
     trt_backend, manifest = open_backend(engine_dir)
@@ -473,7 +473,7 @@ def test_tensorrt_11_builds_an_fp32_artifact_from_a_cast_graph(tmp_path, install
 
     from dllm_export.runtime.backends.onnxruntime import OrtBackend
 
-    source = artifact("llada")
+    source = artifact("llada", target="tensorrt")  # TensorRT-clean
     log = install_fakes(TRT11)
     engine = tmp_path / "engine"
     manifest = build_engine(source, load_profile("h100-sxm"), engine,

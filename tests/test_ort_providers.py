@@ -92,7 +92,7 @@ def test_a_session_with_every_provider_is_accepted(artifact, gpu_onnxruntime):
 
 def test_ort_trt_options_round_trip_from_build_to_run(tmp_path, artifact, gpu_onnxruntime):
     """The options the engine cache was built with are the options a run uses."""
-    source = artifact("llada")
+    source = artifact("llada", target="tensorrt")
     sessions = gpu_onnxruntime(Sessions())
     out = tmp_path / "ort-engine"
     manifest = build_engine(source, load_profile("h100-sxm"), out,

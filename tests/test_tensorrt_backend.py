@@ -134,7 +134,7 @@ def test_tensorrt_backend_keeps_the_cache_on_the_device(tmp_path, fakes, artifac
     from dllm_export.runtime.backends.onnxruntime import OrtBackend
     from dllm_export.runtime.generate import SamplerConfig, Special, denoise
 
-    source = artifact("llada")  # exported before the fakes replace tensorrt
+    source = artifact("llada", target="tensorrt")  # exported before the fakes replace tensorrt
     log = fakes()
     engine = tmp_path / "engine"
     manifest = build_engine(source, load_profile("h100-sxm"), engine,
@@ -173,7 +173,7 @@ def test_tensorrt_backend_runs_draft_and_verify(tmp_path, fakes, artifact):
     from dllm_export.runtime.backends.onnxruntime import OrtBackend
     from dllm_export.runtime.tidar import tidar_decode
 
-    source = artifact("dream")
+    source = artifact("dream", target="tensorrt")
     log = fakes()
     engine = tmp_path / "engine"
     build_engine(source, load_profile("h100-sxm"), engine,

@@ -16,7 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 
 @pytest.fixture(scope="module")
 def moe_graph(artifact):
-    return artifact("llada-moe") / "model.onnx"
+    return artifact("llada-moe", target="tensorrt") / "model.onnx"
 
 
 def _feeds(length=48, seed=0):
