@@ -41,6 +41,8 @@ class QuantizeOptions:
     quantize_router: bool = False
     quantize_head: bool = False  # library only: for experiments and the gate's tests
     profile: str | None = None  # target device profile (name or path)
+    # library only (benchmarks): MatMulNBits accuracy_level; None: the profile's, else 4
+    nbits_accuracy_level: int | None = None
     bars: dict = field(
         default_factory=dict
     )  # GateBars overrides, e.g. {"min_agreement": 0.8}
@@ -97,6 +99,24 @@ def _target(options: QuantizeOptions):
     return profile
 
 
+def _with_accuracy_level(options: QuantizeOptions, profile) -> QuantizeOptions:
+    """MatMulNBits' accuracy_level: the option, else the target profile's measured one,
+    else int8 arithmetic (4)."""
+    from dataclasses import replace
+
+    from dllm_export.calibration.ort_backend import NBITS_ACCURACY_LEVEL
+    from dllm_export.device_profiles import NBITS_ACCURACY_LEVELS
+
+    level = options.nbits_accuracy_level
+    if level is None and profile is not None:
+        level = profile.nbits_accuracy_level
+    level = NBITS_ACCURACY_LEVEL if level is None else level
+    if level not in NBITS_ACCURACY_LEVELS:
+        raise DllmExportError(f"nbits_accuracy_level {level!r}: choose one of "
+                              f"{', '.join(map(str, NBITS_ACCURACY_LEVELS))}")
+    return replace(options, nbits_accuracy_level=level)
+
+
 def runs_on(method, precision: str) -> list[str]:
     """Shipped device profiles whose device and engine library run this artifact."""
     from dllm_export.device_profiles import all_profiles
@@ -128,6 +148,7 @@ def _quantize_graph(
     calibration,
     batch: int,
     all_linear: list[str],
+    accuracy_level: int = 4,
 ) -> dict:
     from dllm_export.calibration import ort_backend
 
@@ -161,10 +182,14 @@ def _quantize_graph(
         experts = prepared.with_name("qmoe.onnx")
         ort_backend.save_model(model, experts)
         del model
-        ort_backend.weight_only_nbits(experts, out, nodes, bits)
-        return {"experts": "QMoE per-row", "other_linear_layers": "MatMulNBits"}
+        ort_backend.weight_only_nbits(experts, out, nodes, bits,
+                                      accuracy_level=accuracy_level)
+        return {"experts": "QMoE per-row", "other_linear_layers": "MatMulNBits",
+                "accuracy_level": accuracy_level}
     if method.format == "nbits":
-        ort_backend.weight_only_nbits(prepared, out, nodes, bits)
+        ort_backend.weight_only_nbits(prepared, out, nodes, bits,
+                                      accuracy_level=accuracy_level)
+        return {"accuracy_level": accuracy_level}
     else:
         ort_backend.int8_qdq(prepared, out, nodes, states, batch, method.backend_method)
     return {}
@@ -236,6 +261,7 @@ def _write_graph(
         calibration,
         source["shapes"]["batch"],
         all_linear,
+        options.nbits_accuracy_level,
     )
     shutil.rmtree(work)
     gc.collect()
@@ -272,6 +298,19 @@ def _graph_fields(tmp: Path, method, manifest: dict, backend_report: dict) -> di
     }
 
 
+def _kernel_coverage(tmp: Path, manifest: dict, method) -> dict | None:
+    """How ONNX Runtime CPU runs each graph's linear layers (``calibration/kernels.py``);
+    None for the ModelOpt FP8 graphs, which ONNX Runtime CPU cannot run."""
+    from dllm_export.calibration.kernels import integer_coverage
+
+    if method.precision == "fp8":
+        return None
+    graphs = {"canvas": tmp / manifest["graph"]["file"]}
+    for name, spec in ((manifest.get("cache") or {}).get("graphs") or {}).items():
+        graphs[name] = tmp / spec["file"]
+    return {name: integer_coverage(path) for name, path in graphs.items()}
+
+
 def _write_cached_graphs(tmp: Path, artifact_dir: Path, source: dict, method, options,
                          calibration, report) -> dict:
     """Every cached graph quantised like the canvas graph (its own calibration states for
@@ -302,7 +341,8 @@ def _write_cached_graphs(tmp: Path, artifact_dir: Path, source: dict, method, op
             ort_backend.int8_qdq(prepared, out, nodes, [], source["shapes"]["batch"],
                                  method.backend_method, reader=ort_backend.FeedsReader(feeds))
         else:
-            _quantize_graph(method, prepared, out, nodes, None, source["shapes"]["batch"], [])
+            _quantize_graph(method, prepared, out, nodes, None, source["shapes"]["batch"], [],
+                            options.nbits_accuracy_level)
         weights.adopt(out)
         counts[name] = len(nodes)
     shutil.rmtree(work)
@@ -401,6 +441,7 @@ def quantize_artifact(
         profile.engine_library if profile else None,
     )
     _check_moe(artifact_dir, source, method)
+    options = _with_accuracy_level(options, profile)
     bars = DEFAULT_BARS[options.precision].updated(**options.bars)
     if _block_causal(source) and method.backend == "modelopt":
         raise DllmExportError(
@@ -427,6 +468,8 @@ def quantize_artifact(
             cached_note = _write_cached_graphs(tmp, artifact_dir, source, method, options,
                                                calibration, report)
         manifest.update(_graph_fields(tmp, method, manifest, backend_report))
+        report("kernels", "counting integer kernels in ONNX Runtime's optimised graph")
+        kernels = _kernel_coverage(tmp, manifest, method)
         manifest["precision"] = options.precision
         manifest["quantization"] = {
             "method": method.name,
@@ -439,6 +482,7 @@ def quantize_artifact(
                 "fingerprint": source["source"]["fingerprint"],
             },
             "quantized_nodes": len(selection.quantize),
+            "kernels": kernels,
             "cached_graphs": cached_note,
             "excluded": selection.excluded,
             "calibration": calibration.summary if calibration else None,
