@@ -134,6 +134,29 @@ def test_states_cover_mask_ratios_and_experts(moe_artifact):
     assert all(name.startswith("model.layers.") for name in experts["unrouted"])
 
 
+def test_calibration_reports_generation_forwards_with_an_estimate(moe_artifact):
+    """Generic prompts carry no answers: mixed calibration runs the float model's own
+    generations, reported forward by forward with the time left. The forward-process half
+    reuses the trajectories' answers, so 16 states cost one generation (two before)."""
+    generator = Generator.from_artifact(moe_artifact)
+    config = generator.defaults.updated(early_exit=False)  # every planned step runs
+    backend = generator.backend
+    forwards = []
+    original = backend.predict
+    backend.predict = lambda *args, **kwargs: forwards.append(1) or original(*args, **kwargs)
+    reported = []
+    made = states.calibration_states(
+        backend, sources.generic_text(), generator.tokenizer, config, generator.special,
+        samples=16, progress=lambda stage, detail="": reported.append((stage, detail)))
+    assert len(made) == 16 and {s.origin for s in made} == {"forward", "trajectory"}
+    assert len(forwards) == config.steps  # one generation
+    assert len(reported) == config.steps
+    last_stage, last = reported[-1]
+    assert last_stage == "calibration"
+    assert last.startswith(f"trajectory 1/1: forward {config.steps}/{config.steps}, about ")
+    assert all(detail.endswith(" left") for _, detail in reported)
+
+
 def _linear_graph():
     """x -> Gemm(transB, bias) named like a router -> MatMul named like a head."""
     rng = np.random.default_rng(0)
@@ -248,3 +271,22 @@ def test_qmoe_rows_round_trip(bits):
         codes = np.stack([codes & 0xF, codes >> 4], axis=-1).reshape(2, 3, 8)
     restored = (codes.astype(np.float32) - 2 ** (bits - 1)) * scales[..., None]
     assert np.abs(restored - weights).max() <= scales.max() / 2 + 1e-6
+
+
+def test_onnx_runtime_calibration_passes_are_counted_with_an_estimate():
+    """One tick per batch once ONNX Runtime asks for the next (the previous has run),
+    across the strided ranges the calibrator reads."""
+    from dllm_export.calibration.ort_backend import FeedsReader
+
+    reported = []
+    reader = FeedsReader([{"x": i} for i in range(4)],
+                         lambda stage, detail="": reported.append((stage, detail)))
+    seen = []
+    for start in (0, 2):
+        reader.set_range(start, start + 2)
+        while (feeds := reader.get_next()) is not None:
+            seen.append(feeds["x"])
+    assert seen == [0, 1, 2, 3]
+    assert [d.split(": ")[1].split(",")[0] for _, d in reported] == [
+        f"forward {i}/4" for i in range(1, 5)]
+    assert all(stage == "calibrate" and d.endswith(" left") for stage, d in reported)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dllm_export.calibration.clock import ForwardClock
 from dllm_export.calibration.qdq_fusion import prepare_for_fusion
 from dllm_export.calibration.states import CanvasState, batched
 
@@ -129,7 +130,9 @@ class FeedsReader:
     def __init__(self, feeds: list[dict], progress=None):
         self.batches = list(feeds)
         self.index, self.end = 0, len(self.batches)
-        self.progress = progress
+        # One forward of the calibration graph per batch; ticked when the next is asked for.
+        self.clock = ForwardClock(len(self.batches), progress, stage="calibrate")
+        self.pending = False
 
     def __len__(self):
         return len(self.batches)
@@ -139,12 +142,14 @@ class FeedsReader:
         self.index, self.end = start_index, min(end_index, len(self.batches))
 
     def get_next(self):
+        if self.pending:
+            self.clock.tick("ONNX Runtime collecting activation ranges")
+            self.pending = False
         if self.index >= self.end:
             return None
         feeds = self.batches[self.index]
         self.index += 1
-        if self.progress:
-            self.progress("calibrate", f"batch {self.index}/{len(self.batches)}")
+        self.pending = True
         return feeds
 
 

@@ -140,18 +140,21 @@ def _versions(backend_report: dict) -> dict:
     return out
 
 
-def _quantize_graph(
-    method,
-    prepared: Path,
-    out: Path,
-    nodes,
-    calibration,
-    batch: int,
-    all_linear: list[str],
-    accuracy_level: int = 4,
-) -> dict:
+@dataclass
+class _GraphJob:
+    """What quantising one graph needs besides the graph and its nodes."""
+
+    batch: int  # the artifact's fixed batch
+    all_linear: list[str]  # every MatMul (ModelOpt excludes those not selected)
+    accuracy_level: int  # MatMulNBits
+    report: object = None  # progress(stage, detail)
+
+
+def _quantize_graph(method, prepared: Path, out: Path, nodes, calibration,
+                    job: _GraphJob) -> dict:
     from dllm_export.calibration import ort_backend
 
+    batch, all_linear, accuracy_level = job.batch, job.all_linear, job.accuracy_level
     states = calibration.states if calibration else []
     if method.backend == "modelopt":
         from dllm_export.calibration.modelopt_backend import run_modelopt
@@ -191,7 +194,8 @@ def _quantize_graph(
                                       accuracy_level=accuracy_level)
         return {"accuracy_level": accuracy_level}
     else:
-        ort_backend.int8_qdq(prepared, out, nodes, states, batch, method.backend_method)
+        ort_backend.int8_qdq(prepared, out, nodes, states, batch, method.backend_method,
+                             progress=job.report)
     return {}
 
 
@@ -253,16 +257,10 @@ def _write_graph(
     if not selection.quantize:
         raise DllmExportError("--exclude left no linear layer to quantise")
     report("quantize", f"{method.key}: {len(selection.quantize)} linear layers")
-    backend_report = _quantize_graph(
-        method,
-        prepared,
-        tmp / "model.onnx",
-        selection.quantize,
-        calibration,
-        source["shapes"]["batch"],
-        all_linear,
-        options.nbits_accuracy_level,
-    )
+    job = _GraphJob(source["shapes"]["batch"], all_linear, options.nbits_accuracy_level,
+                    report)
+    backend_report = _quantize_graph(method, prepared, tmp / "model.onnx",
+                                     selection.quantize, calibration, job)
     shutil.rmtree(work)
     gc.collect()
     write_logits_graph(tmp / "model.onnx", tmp / "model_logits.onnx")
@@ -339,10 +337,12 @@ def _write_cached_graphs(tmp: Path, artifact_dir: Path, source: dict, method, op
                 raise DllmExportError(
                     f"no calibration states reached the {name} graph; pass more --samples")
             ort_backend.int8_qdq(prepared, out, nodes, [], source["shapes"]["batch"],
-                                 method.backend_method, reader=ort_backend.FeedsReader(feeds))
+                                 method.backend_method,
+                                 reader=ort_backend.FeedsReader(feeds, report))
         else:
-            _quantize_graph(method, prepared, out, nodes, None, source["shapes"]["batch"], [],
-                            options.nbits_accuracy_level)
+            _quantize_graph(method, prepared, out, nodes, None,
+                            _GraphJob(source["shapes"]["batch"], [],
+                                      options.nbits_accuracy_level))
         weights.adopt(out)
         counts[name] = len(nodes)
     shutil.rmtree(work)
