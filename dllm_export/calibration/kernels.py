@@ -83,3 +83,12 @@ def integer_coverage(graph: Path, threads: int = 1) -> dict:
     counts["measured_on"] = (f"onnxruntime {ort.__version__} CPUExecutionProvider, "
                              "ORT_ENABLE_ALL")
     return counts
+
+
+def artifact_kernels(directory: Path, manifest: dict) -> dict:
+    """``integer_coverage`` of the canvas graph and of every cached graph, by graph name.
+    (Not for FP8 Q/DQ graphs, which ONNX Runtime CPU cannot run.)"""
+    graphs = {"canvas": directory / manifest["graph"]["file"]}
+    for name, spec in ((manifest.get("cache") or {}).get("graphs") or {}).items():
+        graphs[name] = directory / spec["file"]
+    return {name: integer_coverage(path) for name, path in graphs.items()}

@@ -35,7 +35,7 @@ class QuantizeOptions:
     precision: str = "int8"
     method: str | None = None  # None: the default for the precision and target
     calib: str | None = None  # a .txt/.jsonl path or a source name; None: built in
-    samples: int = 64  # calibration states
+    samples: int = 32  # calibration states (4 generations for prompts without answers)
     calib_mode: str = "mixed"  # "mixed", "forward" or "trajectory"
     exclude: tuple[str, ...] = ()
     quantize_router: bool = False
@@ -296,19 +296,6 @@ def _graph_fields(tmp: Path, method, manifest: dict, backend_report: dict) -> di
     }
 
 
-def _kernel_coverage(tmp: Path, manifest: dict, method) -> dict | None:
-    """How ONNX Runtime CPU runs each graph's linear layers (``calibration/kernels.py``);
-    None for the ModelOpt FP8 graphs, which ONNX Runtime CPU cannot run."""
-    from dllm_export.calibration.kernels import integer_coverage
-
-    if method.precision == "fp8":
-        return None
-    graphs = {"canvas": tmp / manifest["graph"]["file"]}
-    for name, spec in ((manifest.get("cache") or {}).get("graphs") or {}).items():
-        graphs[name] = tmp / spec["file"]
-    return {name: integer_coverage(path) for name, path in graphs.items()}
-
-
 def _write_cached_graphs(tmp: Path, artifact_dir: Path, source: dict, method, options,
                          calibration, report) -> dict:
     """Every cached graph quantised like the canvas graph (its own calibration states for
@@ -469,7 +456,9 @@ def quantize_artifact(
                                                calibration, report)
         manifest.update(_graph_fields(tmp, method, manifest, backend_report))
         report("kernels", "counting integer kernels in ONNX Runtime's optimised graph")
-        kernels = _kernel_coverage(tmp, manifest, method)
+        from dllm_export.calibration.kernels import artifact_kernels
+
+        kernels = None if method.precision == "fp8" else artifact_kernels(tmp, manifest)
         manifest["precision"] = options.precision
         manifest["quantization"] = {
             "method": method.name,

@@ -26,10 +26,10 @@ from dllm_export.errors import DllmExportError
 from dllm_export.runtime.generate import SamplerConfig, Special, build_canvas, denoise
 
 MODES = ("mixed", "forward", "trajectory")
-# Forward-process states per prompt, at as many ratios. As many as a trajectory yields, so
-# mixed calibration on prompts without answers reuses the trajectories' own answers and
-# runs no generation of its own (each costs `steps` forwards: minutes on a large model).
-FORWARD_PER_PROMPT = 8
+# Forward-process states per prompt, at as many ratios. (8, reusing the trajectories'
+# prompts and answers, halves the generations but dropped a sound INT8 run below the gate's
+# bar on a random tiny model: the ranges want more prompts.)
+FORWARD_PER_PROMPT = 4
 TRAJECTORY_PER_PROMPT = 8
 
 
@@ -117,6 +117,7 @@ def trajectory_states(
     masked step to the last), until ``count`` states. Each finished answer is appended to
     ``completed``. ``clock`` (a ``ForwardClock``) is ticked once per forward."""
     made = 0
+    prompts = min(len(examples), -(-count // per_prompt))  # the ones this will decode
     for number, example in enumerate(examples, start=1):
         steps: list[np.ndarray] = []
         canvas, attention, start = build_canvas(
@@ -130,7 +131,7 @@ def trajectory_states(
 
         def record(info, steps=steps, start=start, number=number):
             if clock:
-                clock.tick(f"trajectory {number}/{len(examples)}")
+                clock.tick(f"trajectory {number}/{prompts}")
             # Still masked: this canvas is the input of a later step.
             if (info.canvas[0, start:] == special.mask_id).any():
                 steps.append(info.canvas[0].copy())
@@ -229,7 +230,7 @@ def calibration_states(
     forward_count = samples - trajectory_count
     # A trajectory yields up to `steps` states per prompt; spread them over several prompts.
     per_prompt = max(1, min(config.steps, TRAJECTORY_PER_PROMPT))
-    # Each prompt gives up to 8 trajectory states and 8 forward-process states (at 8
+    # Each prompt gives up to 8 trajectory states and 4 forward-process states (at 4
     # different ratios): prompts without a response cost a full generation each.
     needed = max(
         -(-forward_count // FORWARD_PER_PROMPT), -(-trajectory_count // per_prompt), 1
