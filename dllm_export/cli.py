@@ -631,7 +631,8 @@ def profile_command(target, profile_name, backend, prompts_file, chat, sweeps, r
               "and the MoE export form).")
 @click.option("--calib", default=None, help="Calibration data: a .txt or .jsonl file, or "
               "'tasks' / 'generic' (default: built in for the model).")
-@click.option("--samples", default=64, show_default=True, help="Calibration states.")
+@click.option("--samples", default=32, show_default=True,
+              help="Calibration states (half from the float model's own decoding).")
 @click.option("--calib-mode", default="mixed", show_default=True,
               type=click.Choice(["mixed", "forward", "trajectory"]),
               help="Forward-process states, the float model's own trajectories, or both.")

@@ -22,6 +22,8 @@ from dllm_export.precision import (
 )
 
 ENGINE_LIBRARIES = ("tensorrt", "tensorrt_rtx", "onnxruntime")
+# MatMulNBits' accuracy levels (onnxruntime's contrib op: 0 unset, 1 fp32 .. 4 int8).
+NBITS_ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 GIB = 1 << 30
 
 
@@ -54,6 +56,9 @@ class DeviceProfile:
     build: BuildSettings
     sources: dict
     path: Path
+    # MatMulNBits' accuracy_level for INT4/INT8 weight-only artifacts on this device
+    # (0: float32 arithmetic, 4: int8); None: ONNX Runtime's int8 default. Measured.
+    nbits_accuracy_level: int | None = None
 
     @property
     def usable_bytes(self) -> int:
@@ -197,6 +202,11 @@ class _ProfileReader:
             self.fail("build.precision", f"must be a float precision listed in 'precisions' "
                       f"(it is what fp32 artifacts build in; got {build.precision!r})")
         dla = self.get("dla_cores", int)
+        level = self.get("quantization.nbits_accuracy_level", int, required=False)
+        if level is not None and level not in NBITS_ACCURACY_LEVELS:
+            self.fail("quantization.nbits_accuracy_level",
+                      f"must be one of {', '.join(map(str, NBITS_ACCURACY_LEVELS))} "
+                      f"(got {level!r})")
         profile = DeviceProfile(
             name=self.get("name", str),
             description=self.get("description", str),
@@ -212,6 +222,7 @@ class _ProfileReader:
             build=build,
             sources=self.get("sources", dict),
             path=self.path,
+            nbits_accuracy_level=level,
         )
         self.check_sources(profile)
         return profile
@@ -238,6 +249,8 @@ class _ProfileReader:
         numbers += [f"peak_tflops.{key}" for key in profile.peak_tflops]
         if profile.compute_capability is not None:
             numbers.append("compute_capability")
+        if profile.nbits_accuracy_level is not None:
+            numbers.append("quantization.nbits_accuracy_level")
         for field in numbers:
             source = profile.sources.get(field)
             if not isinstance(source, str) or not source.strip():

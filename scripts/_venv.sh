@@ -1,5 +1,7 @@
 # Sourced by demo.sh and test.sh: create or reuse the virtual environment, activate it, and
-# install the CPU build of torch first (pinned), so that no extra ever pulls a CUDA build.
+# install the CPU build of torch first, pinned to the version CI tests (pyproject's `export`
+# extra admits any torch>=2.6): the pin is repeated with the extras so that resolving them
+# never replaces it with a newer (CUDA) build.
 #   EXTRAS="export,dev" . scripts/_venv.sh
 VENV=${VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then

@@ -134,6 +134,30 @@ def test_states_cover_mask_ratios_and_experts(moe_artifact):
     assert all(name.startswith("model.layers.") for name in experts["unrouted"])
 
 
+def test_calibration_reports_generation_forwards_with_an_estimate(moe_artifact):
+    """Generic prompts carry no answers: mixed calibration runs the float model's own
+    generations (16 states: one trajectory, one more answer for the forward-process
+    states), reported forward by forward against the plan, with the time left."""
+    generator = Generator.from_artifact(moe_artifact)
+    config = generator.defaults.updated(early_exit=False)  # every planned step runs
+    backend = generator.backend
+    forwards = []
+    original = backend.predict
+    backend.predict = lambda *args, **kwargs: forwards.append(1) or original(*args, **kwargs)
+    reported = []
+    made = states.calibration_states(
+        backend, sources.generic_text(), generator.tokenizer, config, generator.special,
+        samples=16, progress=lambda stage, detail="": reported.append((stage, detail)))
+    assert len(made) == 16 and {s.origin for s in made} == {"forward", "trajectory"}
+    planned = 2 * config.steps
+    assert len(forwards) == planned and len(reported) == planned
+    first, last = reported[0][1], reported[-1][1]
+    assert first.startswith(f"trajectory 1/1: forward 1/{planned}, about ")
+    assert reported[-1][0] == "calibration"
+    assert last.startswith(f"answer 1/1: forward {planned}/{planned}, about ")
+    assert all(detail.endswith(" left") for _, detail in reported)
+
+
 def _linear_graph():
     """x -> Gemm(transB, bias) named like a router -> MatMul named like a head."""
     rng = np.random.default_rng(0)
@@ -248,3 +272,41 @@ def test_qmoe_rows_round_trip(bits):
         codes = np.stack([codes & 0xF, codes >> 4], axis=-1).reshape(2, 3, 8)
     restored = (codes.astype(np.float32) - 2 ** (bits - 1)) * scales[..., None]
     assert np.abs(restored - weights).max() <= scales.max() / 2 + 1e-6
+
+
+def test_onnx_runtime_calibration_passes_are_counted_with_an_estimate():
+    """One tick per batch once ONNX Runtime asks for the next (the previous has run),
+    across the strided ranges the calibrator reads."""
+    from dllm_export.calibration.ort_backend import FeedsReader
+
+    reported = []
+    reader = FeedsReader([{"x": i} for i in range(4)],
+                         lambda stage, detail="": reported.append((stage, detail)))
+    seen = []
+    for start in (0, 2):
+        reader.set_range(start, start + 2)
+        while (feeds := reader.get_next()) is not None:
+            seen.append(feeds["x"])
+    assert seen == [0, 1, 2, 3]
+    assert [d.split(": ")[1].split(",")[0] for _, d in reported] == [
+        f"forward {i}/4" for i in range(1, 5)]
+    assert all(stage == "calibrate" and d.endswith(" left") for stage, d in reported)
+
+
+def test_default_sample_count_costs_four_generations(moe_artifact):
+    """quantize's default --samples on prompts without answers: four of the float model's
+    generations (the old default of 64 ran eight; on a 163M LLaDA here each costs about
+    4 minutes, docs/quantization.md)."""
+    from dllm_export.calibration.quantize import QuantizeOptions
+
+    generator = Generator.from_artifact(moe_artifact)
+    config = generator.defaults.updated(early_exit=False)
+    backend = generator.backend
+    forwards = []
+    original = backend.predict
+    backend.predict = lambda *args, **kwargs: forwards.append(1) or original(*args, **kwargs)
+    samples = QuantizeOptions().samples
+    made = states.calibration_states(backend, sources.generic_text(), generator.tokenizer,
+                                     config, generator.special, samples=samples)
+    assert len(made) == samples
+    assert len(forwards) == 4 * config.steps

@@ -484,3 +484,32 @@ def test_batch_larger_than_the_engine():
     # a smaller batch is padded up to the engine's and trimmed back
     result = denoise(backend, [FREE], config.updated(cfg_scale=0.0), DESIGNED)
     assert result.sequences.shape == (1, 20)
+
+
+def test_default_block_length_follows_a_shorter_gen_length():
+    """--gen-length 16 under the families' default block of 32: one block of 16 (it used
+    to refuse, 16 not being a multiple of 32). An explicit --block-length is kept, and so
+    are LLaDA2's blocks, which are the model's own."""
+    defaults = SamplerConfig(gen_length=128, steps=128, block_length=32)
+    assert defaults.updated(gen_length=16).block_length == 16
+    assert defaults.updated(gen_length=64).block_length == 32  # longer: unchanged
+    message = _error(lambda: defaults.updated(gen_length=16, block_length=32))
+    assert message == "--gen-length 16 must be a multiple of --block-length 32"
+    llada2 = SamplerConfig(algorithm="llada2", gen_length=256, steps=32, block_length=32)
+    assert llada2.updated(gen_length=16).block_length == 32
+
+
+def test_generate_and_run_take_a_gen_length_below_the_default_block(tiny_dir, artifact):
+    """The CLI (checkpoint and artifact) and the Python API with only --gen-length 16."""
+    from click.testing import CliRunner
+
+    from dllm_export.cli import main
+    from dllm_export.runtime import Generator
+
+    runner = CliRunner()
+    for verb, path in (("generate", tiny_dir("llada")), ("run", artifact("llada"))):
+        result = runner.invoke(main, [verb, str(path), "--prompt", "Hi", "--gen-length", "16",
+                                      "--steps", "16"])
+        assert result.exit_code == 0, result.output
+    out = Generator.from_artifact(artifact("llada")).generate("Hi", gen_length=16, steps=16)
+    assert len(out.tokens[0]) <= 16 and out.forwards >= 1

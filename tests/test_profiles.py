@@ -49,6 +49,16 @@ def test_jetsons_share_unified_memory_and_orin_nano_has_no_dla():
         profiles["jetson-orin-nano-8gb"].bandwidth_gbs
 
 
+def test_the_cpu_profile_records_its_measured_nbits_accuracy_level():
+    profiles = {p.name: p for p in all_profiles()}
+    cpu = profiles["cpu"]
+    # bench_quantize on this VM: level 0 (fp32 arithmetic) beat level 4 (int8) for INT4
+    assert cpu.nbits_accuracy_level == 0
+    assert cpu.sources["quantization.nbits_accuracy_level"].startswith("measured:")
+    # GPU profiles run no MatMulNBits artifact: they name no level
+    assert profiles["h200"].nbits_accuracy_level is None
+
+
 def _good() -> dict:
     return yaml.safe_load(builtin_profiles()["jetson-orin-nano-8gb"].read_text())
 
@@ -80,6 +90,10 @@ def test_a_users_own_file_loads_by_path(tmp_path):
     (lambda d: d["memory"].update(usable_fraction=1.5), "memory.usable_fraction", "at most 1"),
     (lambda d: d["build"].update(precision="int4"), "build.precision", "float precision"),
     (lambda d: d["sources"].pop("bandwidth_gbs"), "sources.bandwidth_gbs", "is missing"),
+    (lambda d: d.update(quantization={"nbits_accuracy_level": 7}),
+     "quantization.nbits_accuracy_level", "must be one of 0, 1, 2, 3, 4"),
+    (lambda d: d.update(quantization={"nbits_accuracy_level": 0}),
+     "sources.quantization.nbits_accuracy_level", "is missing"),
 ])
 def test_a_broken_profile_names_file_and_field(tmp_path, edit, field, words):
     data = _good()

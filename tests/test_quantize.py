@@ -91,6 +91,14 @@ def test_int8_and_int4_artifacts_run_and_generate(
     assert (out / "model_logits.onnx").is_file() and (out / "tokenizer.json").is_file()
     float_bytes = (float_artifact(family) / "model.onnx.data").stat().st_size
     assert (out / "model.onnx.data").stat().st_size < 0.6 * float_bytes
+    kernels = quant["kernels"]
+    if precision == "int8":  # every quantised linear layer runs in integers on ORT CPU
+        assert kernels["canvas"]["integer"] == quant["quantized_nodes"], kernels["canvas"]
+        for name, count in (quant["cached_graphs"] or {}).items():
+            assert kernels[name]["integer"] == count, (name, kernels[name])
+    else:  # MatMulNBits: weight-only blocks, at ONNX Runtime's default accuracy level
+        assert kernels["canvas"]["weight_only"] == quant["quantized_nodes"]
+        assert quant["backend_report"]["accuracy_level"] == 4
     if precision == "int8":  # Q/DQ: the TensorRT-bound format
         assert manifest["trt_compatibility"]["clean"] is True
         assert not [f for f in check_trt(out / "model.onnx") if f.severity == "error"]
@@ -320,3 +328,107 @@ def test_cached_graphs_are_quantised_calibrated_and_gated(precision, cached_floa
         result = generator.generate("Sort: 3 1 2", chat=True, gen_length=16, steps=16,
                                     block_length=8, cache=mode)
         assert result.forwards >= 2
+
+
+def _attention_and_glu_graph(path: Path) -> None:
+    """x -> q/k/v projections (one input, three MatMuls) and a SiLU-gated MLP (gate and
+    up share the input; the gate's output feeds Sigmoid and Mul): LLaDA's sharing."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    width = 64
+    weights = {name: rng.standard_normal((width, width)).astype(np.float32) / 8
+               for name in ("wq", "wk", "wv", "wg", "wu", "wd")}
+    nodes = [helper.make_node("MatMul", ["x", w], [w + "_out"], name=f"{w}/MatMul")
+             for w in ("wq", "wk", "wv")]
+    nodes += [
+        helper.make_node("Add", ["wq_out", "wk_out"], ["qk"], name="qk"),
+        helper.make_node("Add", ["qk", "wv_out"], ["h"], name="h"),
+        helper.make_node("MatMul", ["h", "wg"], ["gate"], name="wg/MatMul"),
+        helper.make_node("MatMul", ["h", "wu"], ["up"], name="wu/MatMul"),
+        helper.make_node("Sigmoid", ["gate"], ["sig"], name="sig"),
+        helper.make_node("Mul", ["gate", "sig"], ["silu"], name="silu"),
+        helper.make_node("Mul", ["silu", "up"], ["glu"], name="glu"),
+        helper.make_node("MatMul", ["glu", "wd"], ["y"], name="wd/MatMul"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, width])],
+        [numpy_helper.from_array(array, name) for name, array in weights.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              str(path))
+
+
+def test_every_shared_activation_pair_is_dedicated_so_every_matmul_fuses(tmp_path):
+    """onnxruntime.quantization shares one activation Q/DQ pair among q/k/v and gate/up;
+    ONNX Runtime then fuses only the MatMuls with a pair of their own. After the rewrite
+    all six run as integer kernels, the copies have scale/zero-point initialisers of their
+    own (identical ones would be merged back by CSE), and the dedicated pairs compute
+    exactly what the shared pair did."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from dllm_export.calibration import ort_backend, qdq_fusion
+    from dllm_export.calibration.kernels import integer_coverage
+
+    float_graph = tmp_path / "float.onnx"
+    _attention_and_glu_graph(float_graph)
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.standard_normal((1, 16, 64)).astype(np.float32)} for _ in range(4)]
+    shared, fused = tmp_path / "shared.onnx", tmp_path / "fused.onnx"
+    nodes = [f"{w}/MatMul" for w in ("wq", "wk", "wv", "wg", "wu", "wd")]
+    with pytest.MonkeyPatch.context() as patch:  # the quantiser's own output, untouched
+        patch.setattr(ort_backend, "prepare_for_fusion", lambda graph: None)
+        ort_backend.int8_qdq(float_graph, shared, nodes, [], 1,
+                             reader=ort_backend.FeedsReader(feeds))
+    ort_backend.int8_qdq(float_graph, fused, nodes, [], 1,
+                         reader=ort_backend.FeedsReader(feeds))
+    before, after = integer_coverage(shared), integer_coverage(fused)
+    assert before["integer"] < 6 and before["linear_layers"] == 6, before
+    assert after["integer"] == 6 and after["float"] == 0, after
+
+    model = onnx.load(str(fused))
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    scales = []
+    for node in model.graph.node:
+        if node.op_type == "MatMul":
+            dequant = next(n for n in model.graph.node if n.output[0] == node.input[0])
+            assert dequant.op_type == "DequantizeLinear"
+            assert len(readers[dequant.output[0]]) == 1  # a pair of its own
+            scales.append(dequant.input[1])
+    assert len(set(scales)) == 6  # and scale initialisers of its own
+
+    # Same arithmetic: the unoptimised graphs (no fusion) agree exactly once the output
+    # pair the rewrite dropped is dropped from the shared graph too.
+    reference = onnx.load(str(shared))
+    qdq_fusion.drop_unfusable_output_qdq(reference)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+    def run(graph):
+        session = ort.InferenceSession(graph.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        return session.run(None, feeds[0])[0]
+
+    np.testing.assert_array_equal(run(model), run(reference))
+    assert qdq_fusion.dedicate_activation_qdq(onnx.load(str(fused))) == 0  # idempotent
+
+
+def test_profile_picks_the_nbits_accuracy_level(float_artifact, tmp_path):
+    """--profile cpu: the level measured on that CPU (profiles/cpu.yaml), in the graph."""
+    import onnx
+
+    out = tmp_path / "int4-cpu"
+    manifest = quantize_artifact(float_artifact("llada"), out,
+                                 fast("int4", profile="cpu", gate=False))
+    assert manifest["quantization"]["backend_report"]["accuracy_level"] == 0
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    levels = {next((a.i for a in node.attribute if a.name == "accuracy_level"), 0)  # op default
+              for node in graph.node if node.op_type == "MatMulNBits"}
+    assert levels == {0}

@@ -73,6 +73,7 @@ def collect(
         generator.special,
         samples,
         mode,
+        progress=progress,
     )
     progress("calibration", "coverage")
     experts = coverage.expert_coverage(

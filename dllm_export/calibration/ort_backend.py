@@ -21,10 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
+from dllm_export.calibration.clock import ForwardClock
+from dllm_export.calibration.qdq_fusion import prepare_for_fusion
 from dllm_export.calibration.states import CanvasState, batched
 
 INT8_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 NBITS_BLOCK = 32
+# MatMulNBits' accuracy_level when no device profile names one: int8 arithmetic (ONNX
+# Runtime's own recommendation for CPUs with integer dot products).
+NBITS_ACCURACY_LEVEL = 4
 # The calibrators keep every calibrated tensor of every batch they are given; feeding them a
 # few batches at a time (CalibStridedMinMax, which merges ranges and histograms between
 # strides) keeps a large model's calibration within memory. (CalibMaxIntermediateOutputs
@@ -128,7 +133,9 @@ class FeedsReader:
     def __init__(self, feeds: list[dict], progress=None):
         self.batches = list(feeds)
         self.index, self.end = 0, len(self.batches)
-        self.progress = progress
+        # One forward of the calibration graph per batch; ticked when the next is asked for.
+        self.clock = ForwardClock(len(self.batches), progress, stage="calibrate")
+        self.pending = False
 
     def __len__(self):
         return len(self.batches)
@@ -138,12 +145,14 @@ class FeedsReader:
         self.index, self.end = start_index, min(end_index, len(self.batches))
 
     def get_next(self):
+        if self.pending:
+            self.clock.tick("ONNX Runtime collecting activation ranges")
+            self.pending = False
         if self.index >= self.end:
             return None
         feeds = self.batches[self.index]
         self.index += 1
-        if self.progress:
-            self.progress("calibrate", f"batch {self.index}/{len(self.batches)}")
+        self.pending = True
         return feeds
 
 
@@ -219,6 +228,7 @@ def int8_qdq(
             calibrate_method=getattr(CalibrationMethod, INT8_METHODS[method]),
             extra_options=extra,
         )
+    prepare_for_fusion(out)
 
 
 def weight_only_nbits(
@@ -227,8 +237,14 @@ def weight_only_nbits(
     nodes: list[str],
     bits: int,
     block_size: int = NBITS_BLOCK,
+    accuracy_level: int = NBITS_ACCURACY_LEVEL,
 ) -> None:
-    """``MatMulNBits`` (round-to-nearest, symmetric) for ``nodes``; other MatMuls stay."""
+    """``MatMulNBits`` (round-to-nearest, symmetric) for ``nodes``; other MatMuls stay.
+
+    ``accuracy_level`` is the lowest precision ONNX Runtime may compute in: 0 dequantises
+    the weights and multiplies in float32, 4 quantises activations to int8 per block and
+    multiplies in integers. Which is faster depends on the CPU (device profiles say).
+    """
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -244,7 +260,7 @@ def weight_only_nbits(
             bits=bits,
             block_size=block_size,
             is_symmetric=True,
-            accuracy_level=4,
+            accuracy_level=accuracy_level,
             nodes_to_exclude=others,
             nodes_to_include=nodes,
         )

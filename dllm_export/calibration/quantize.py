@@ -35,12 +35,14 @@ class QuantizeOptions:
     precision: str = "int8"
     method: str | None = None  # None: the default for the precision and target
     calib: str | None = None  # a .txt/.jsonl path or a source name; None: built in
-    samples: int = 64  # calibration states
+    samples: int = 32  # calibration states (4 generations for prompts without answers)
     calib_mode: str = "mixed"  # "mixed", "forward" or "trajectory"
     exclude: tuple[str, ...] = ()
     quantize_router: bool = False
     quantize_head: bool = False  # library only: for experiments and the gate's tests
     profile: str | None = None  # target device profile (name or path)
+    # library only (benchmarks): MatMulNBits accuracy_level; None: the profile's, else 4
+    nbits_accuracy_level: int | None = None
     bars: dict = field(
         default_factory=dict
     )  # GateBars overrides, e.g. {"min_agreement": 0.8}
@@ -97,6 +99,24 @@ def _target(options: QuantizeOptions):
     return profile
 
 
+def _with_accuracy_level(options: QuantizeOptions, profile) -> QuantizeOptions:
+    """MatMulNBits' accuracy_level: the option, else the target profile's measured one,
+    else int8 arithmetic (4)."""
+    from dataclasses import replace
+
+    from dllm_export.calibration.ort_backend import NBITS_ACCURACY_LEVEL
+    from dllm_export.device_profiles import NBITS_ACCURACY_LEVELS
+
+    level = options.nbits_accuracy_level
+    if level is None and profile is not None:
+        level = profile.nbits_accuracy_level
+    level = NBITS_ACCURACY_LEVEL if level is None else level
+    if level not in NBITS_ACCURACY_LEVELS:
+        raise DllmExportError(f"nbits_accuracy_level {level!r}: choose one of "
+                              f"{', '.join(map(str, NBITS_ACCURACY_LEVELS))}")
+    return replace(options, nbits_accuracy_level=level)
+
+
 def runs_on(method, precision: str) -> list[str]:
     """Shipped device profiles whose device and engine library run this artifact."""
     from dllm_export.device_profiles import all_profiles
@@ -120,17 +140,21 @@ def _versions(backend_report: dict) -> dict:
     return out
 
 
-def _quantize_graph(
-    method,
-    prepared: Path,
-    out: Path,
-    nodes,
-    calibration,
-    batch: int,
-    all_linear: list[str],
-) -> dict:
+@dataclass
+class _GraphJob:
+    """What quantising one graph needs besides the graph and its nodes."""
+
+    batch: int  # the artifact's fixed batch
+    all_linear: list[str]  # every MatMul (ModelOpt excludes those not selected)
+    accuracy_level: int  # MatMulNBits
+    report: object = None  # progress(stage, detail)
+
+
+def _quantize_graph(method, prepared: Path, out: Path, nodes, calibration,
+                    job: _GraphJob) -> dict:
     from dllm_export.calibration import ort_backend
 
+    batch, all_linear, accuracy_level = job.batch, job.all_linear, job.accuracy_level
     states = calibration.states if calibration else []
     if method.backend == "modelopt":
         from dllm_export.calibration.modelopt_backend import run_modelopt
@@ -161,12 +185,17 @@ def _quantize_graph(
         experts = prepared.with_name("qmoe.onnx")
         ort_backend.save_model(model, experts)
         del model
-        ort_backend.weight_only_nbits(experts, out, nodes, bits)
-        return {"experts": "QMoE per-row", "other_linear_layers": "MatMulNBits"}
+        ort_backend.weight_only_nbits(experts, out, nodes, bits,
+                                      accuracy_level=accuracy_level)
+        return {"experts": "QMoE per-row", "other_linear_layers": "MatMulNBits",
+                "accuracy_level": accuracy_level}
     if method.format == "nbits":
-        ort_backend.weight_only_nbits(prepared, out, nodes, bits)
+        ort_backend.weight_only_nbits(prepared, out, nodes, bits,
+                                      accuracy_level=accuracy_level)
+        return {"accuracy_level": accuracy_level}
     else:
-        ort_backend.int8_qdq(prepared, out, nodes, states, batch, method.backend_method)
+        ort_backend.int8_qdq(prepared, out, nodes, states, batch, method.backend_method,
+                             progress=job.report)
     return {}
 
 
@@ -228,15 +257,10 @@ def _write_graph(
     if not selection.quantize:
         raise DllmExportError("--exclude left no linear layer to quantise")
     report("quantize", f"{method.key}: {len(selection.quantize)} linear layers")
-    backend_report = _quantize_graph(
-        method,
-        prepared,
-        tmp / "model.onnx",
-        selection.quantize,
-        calibration,
-        source["shapes"]["batch"],
-        all_linear,
-    )
+    job = _GraphJob(source["shapes"]["batch"], all_linear, options.nbits_accuracy_level,
+                    report)
+    backend_report = _quantize_graph(method, prepared, tmp / "model.onnx",
+                                     selection.quantize, calibration, job)
     shutil.rmtree(work)
     gc.collect()
     write_logits_graph(tmp / "model.onnx", tmp / "model_logits.onnx")
@@ -304,9 +328,12 @@ def _write_cached_graphs(tmp: Path, artifact_dir: Path, source: dict, method, op
                 raise DllmExportError(
                     f"no calibration states reached the {name} graph; pass more --samples")
             ort_backend.int8_qdq(prepared, out, nodes, [], source["shapes"]["batch"],
-                                 method.backend_method, reader=ort_backend.FeedsReader(feeds))
+                                 method.backend_method,
+                                 reader=ort_backend.FeedsReader(feeds, report))
         else:
-            _quantize_graph(method, prepared, out, nodes, None, source["shapes"]["batch"], [])
+            _quantize_graph(method, prepared, out, nodes, None,
+                            _GraphJob(source["shapes"]["batch"], [],
+                                      options.nbits_accuracy_level))
         weights.adopt(out)
         counts[name] = len(nodes)
     shutil.rmtree(work)
@@ -405,6 +432,7 @@ def quantize_artifact(
         profile.engine_library if profile else None,
     )
     _check_moe(artifact_dir, source, method)
+    options = _with_accuracy_level(options, profile)
     bars = DEFAULT_BARS[options.precision].updated(**options.bars)
     if _block_causal(source) and method.backend == "modelopt":
         raise DllmExportError(
@@ -431,6 +459,10 @@ def quantize_artifact(
             cached_note = _write_cached_graphs(tmp, artifact_dir, source, method, options,
                                                calibration, report)
         manifest.update(_graph_fields(tmp, method, manifest, backend_report))
+        report("kernels", "counting integer kernels in ONNX Runtime's optimised graph")
+        from dllm_export.calibration.kernels import artifact_kernels
+
+        kernels = None if method.precision == "fp8" else artifact_kernels(tmp, manifest)
         manifest["precision"] = options.precision
         manifest["quantization"] = {
             "method": method.name,
@@ -443,6 +475,7 @@ def quantize_artifact(
                 "fingerprint": source["source"]["fingerprint"],
             },
             "quantized_nodes": len(selection.quantize),
+            "kernels": kernels,
             "cached_graphs": cached_note,
             "excluded": selection.excluded,
             "calibration": calibration.summary if calibration else None,

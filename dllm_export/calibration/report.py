@@ -12,6 +12,13 @@ def print_quantization(out_dir, manifest: dict, console) -> None:
         f"{quant['format']}): {quant['quantized_nodes']} linear layers, "
         f"{len(quant['excluded'])} kept in high precision"
     )
+    for graph, counts in (quant.get("kernels") or {}).items():
+        ops = ", ".join(f"{op} {n}" for op, n in counts["ops"].items())
+        console.print(
+            f"ONNX Runtime CPU kernels ({graph} graph): {counts['integer']} integer, "
+            f"{counts['weight_only']} weight-only, {counts['float']} float of "
+            f"{counts['linear_layers']} linear layers ({ops})"
+        )
     calibration = quant.get("calibration")
     if calibration:
         histogram = calibration["mask_ratio_histogram"]

@@ -21,11 +21,16 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from dllm_export.calibration.clock import ForwardClock
 from dllm_export.errors import DllmExportError
 from dllm_export.runtime.generate import SamplerConfig, Special, build_canvas, denoise
 
 MODES = ("mixed", "forward", "trajectory")
+# Forward-process states per prompt, at as many ratios. (8, reusing the trajectories'
+# prompts and answers, halves the generations but dropped a sound INT8 run below the gate's
+# bar on a random tiny model: the ranges want more prompts.)
 FORWARD_PER_PROMPT = 4
+TRAJECTORY_PER_PROMPT = 8
 
 
 @dataclass
@@ -103,15 +108,17 @@ def trajectory_states(
     count: int,
     config: SamplerConfig,
     special: Special,
-    per_prompt: int = 8,
+    per_prompt: int = TRAJECTORY_PER_PROMPT,
     completed: list | None = None,
+    clock=None,
 ) -> Iterator[CanvasState]:
     """Run the float backend's unmasking loop on the prompts, record the input of every
     step, and yield ``per_prompt`` of them per prompt (evenly spaced from the first, fully
     masked step to the last), until ``count`` states. Each finished answer is appended to
-    ``completed``."""
+    ``completed``. ``clock`` (a ``ForwardClock``) is ticked once per forward."""
     made = 0
-    for example in examples:
+    prompts = min(len(examples), -(-count // per_prompt))  # the ones this will decode
+    for number, example in enumerate(examples, start=1):
         steps: list[np.ndarray] = []
         canvas, attention, start = build_canvas(
             [example.prompt_ids],
@@ -122,7 +129,9 @@ def trajectory_states(
         )
         steps.append(canvas[0].copy())  # the first input: the whole response masked
 
-        def record(info, steps=steps, start=start):
+        def record(info, steps=steps, start=start, number=number):
+            if clock:
+                clock.tick(f"trajectory {number}/{prompts}")
             # Still masked: this canvas is the input of a later step.
             if (info.canvas[0, start:] == special.mask_id).any():
                 steps.append(info.canvas[0].copy())
@@ -135,6 +144,8 @@ def trajectory_states(
             on_step=record,
             truncate=True,
         )
+        if clock:
+            clock.skip(config.steps - result.forwards)
         if completed is not None:
             answer = [int(t) for t in result.sequences[0, start:]]
             completed.append(TokenizedExample(example.prompt_ids, answer))
@@ -153,15 +164,26 @@ def trajectory_states(
 
 
 def complete_responses(
-    backend, examples: list[TokenizedExample], config: SamplerConfig, special: Special
+    backend, examples: list[TokenizedExample], config: SamplerConfig, special: Special,
+    clock=None,
 ) -> list[TokenizedExample]:
     """Examples without a response get the float model's own answer (temperature 0)."""
     out = []
+    missing = sum(e.response_ids is None for e in examples)
+    answered = 0
     for example in examples:
         if example.response_ids is None:
+            answered += 1
+
+            def tick(info, answered=answered):
+                if clock:
+                    clock.tick(f"answer {answered}/{missing}")
+
             result = denoise(
-                backend, [example.prompt_ids], config, special, truncate=True
+                backend, [example.prompt_ids], config, special, on_step=tick, truncate=True
             )
+            if clock:
+                clock.skip(config.steps - result.forwards)
             start = result.prompt_length
             example = TokenizedExample(
                 example.prompt_ids, [int(t) for t in result.sequences[0, start:]]
@@ -179,6 +201,7 @@ def calibration_states(
     samples: int,
     mode: str = "mixed",
     seed: int = 0,
+    progress=None,
 ) -> list[CanvasState]:
     """``samples`` denoiser inputs from calibration texts.
 
@@ -191,6 +214,7 @@ def calibration_states(
         special: special token ids.
         samples: how many states in all.
         mode: "mixed" (half each), "forward" or "trajectory".
+        progress: ``progress(stage, detail)`` gets each generation forward and an estimate.
     Returns:
         A list of ``CanvasState``; raises DllmExportError when the data yields none.
     """
@@ -205,7 +229,7 @@ def calibration_states(
     ]
     forward_count = samples - trajectory_count
     # A trajectory yields up to `steps` states per prompt; spread them over several prompts.
-    per_prompt = max(1, min(config.steps, 8))
+    per_prompt = max(1, min(config.steps, TRAJECTORY_PER_PROMPT))
     # Each prompt gives up to 8 trajectory states and 4 forward-process states (at 4
     # different ratios): prompts without a response cost a full generation each.
     needed = max(
@@ -217,6 +241,9 @@ def calibration_states(
             "calibration data is empty: the source yielded no text; pass --calib with a "
             "non-empty .txt or .jsonl file"
         )
+    clock = ForwardClock(
+        _planned_generations(examples, trajectory_count, per_prompt) * config.steps,
+        progress)
     states: list[CanvasState] = []
     if trajectory_count:
         answered: list[TokenizedExample] = []
@@ -228,6 +255,7 @@ def calibration_states(
             special,
             per_prompt,
             completed=answered,
+            clock=clock,
         )
         by_prompt = {tuple(e.prompt_ids): e for e in answered}
         examples = [
@@ -237,11 +265,19 @@ def calibration_states(
     # A short data set tops up with forward-process states.
     forward_count = samples - len(states)
     if forward_count:
-        examples = complete_responses(backend, examples, config, special)
+        examples = complete_responses(backend, examples, config, special, clock)
         states += forward_process_states(
             examples, forward_count, config.gen_length, backend.seq_len, special, seed
         )
     return states
+
+
+def _planned_generations(examples: list[TokenizedExample], trajectory_count: int,
+                         per_prompt: int) -> int:
+    """Generations calibration will run: one per trajectory prompt, and one per other
+    prompt that has no response (the forward-process states need its answer)."""
+    trajectories = min(len(examples), -(-trajectory_count // per_prompt))
+    return trajectories + sum(e.response_ids is None for e in examples[trajectories:])
 
 
 def batched(

@@ -113,8 +113,18 @@ class SamplerConfig:
             )
 
     def updated(self, **overrides) -> "SamplerConfig":
+        """These defaults with ``overrides`` (None: keep the default). A default block
+        longer than an overridden --gen-length follows it (one block), for LLaDA's loop;
+        LLaDA2's blocks are the model's own and an explicit --block-length is kept."""
         known = {f.name for f in fields(self)}
-        return replace(self, **{k: v for k, v in overrides.items() if k in known and v is not None})
+        changes = {k: v for k, v in overrides.items() if k in known and v is not None}
+        gen_length = changes.get("gen_length")
+        algorithm = changes.get("algorithm", self.algorithm)
+        if (algorithm == "llada" and "block_length" not in changes
+                and isinstance(gen_length, int) and self.block_length
+                and self.block_length > gen_length):
+            changes["block_length"] = gen_length
+        return replace(self, **changes)
 
 
 # (field, low, low included, high, high included, kind): every sampler option's range.
