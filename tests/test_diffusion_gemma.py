@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -261,3 +262,96 @@ def test_moe_strategies_agree_with_gelu_experts(loaded):
                 set_moe_strategy(loaded, "ort")
         finally:
             set_moe_strategy(loaded, "eager")
+
+
+# ---------------------------------------------------------------- the sampler
+
+
+class _TorchNoise:
+    """transformers' ``torch.randint`` / ``torch.multinomial`` driven by the runtime's noise
+    (the same seed and the same order of draws): multinomial becomes Gumbel-max."""
+
+    def __init__(self, noise):
+        self.noise = noise
+
+    def randint(self, low=0, high=None, size=None, device=None, **_):
+        return torch.as_tensor(self.noise.tokens(tuple(size))) + 0 * low
+
+    def multinomial(self, probs, num_samples=1, **_):
+        gumbel = torch.as_tensor(self.noise.gumbel(tuple(probs.shape)))
+        return torch.argmax(torch.log(probs) + gumbel, dim=-1, keepdim=True)
+
+
+def _reference_generate(model, prompt, options, seed, monkeypatch, vocab, eos, pad):
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+        EntropyBoundSamplerConfig,
+    )
+
+    from dllm_export.runtime.diffusion_gemma import NumpyNoise
+
+    fake = _TorchNoise(NumpyNoise(vocab, seed))
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "randint", fake.randint)
+        patch.setattr(torch, "multinomial", fake.multinomial)
+        with torch.no_grad():
+            out = model.generate(
+                torch.as_tensor(prompt), max_new_tokens=options["max_new_tokens"],
+                max_denoising_steps=options["max_denoising_steps"], t_min=options["t_min"],
+                t_max=options["t_max"],
+                sampler_config=EntropyBoundSamplerConfig(entropy_bound=options["entropy_bound"]),
+                stability_threshold=options["stability_threshold"],
+                confidence_threshold=options["confidence_threshold"],
+                eos_token_id=list(eos), pad_token_id=pad)
+    return out.sequences.numpy(), out.tokens_per_forward
+
+
+SAMPLER_CASES = {
+    # transformers' defaults (few steps): one position accepted a step, no early stop
+    "defaults": dict(max_new_tokens=32, max_denoising_steps=6, t_min=0.4, t_max=0.8,
+                     entropy_bound=0.1, stability_threshold=1, confidence_threshold=0.005),
+    # a loose bound (a few positions a step) and a confidence threshold the falling
+    # temperature crosses (the tiny model's mean entropy goes from 5.937 to 5.76), so that
+    # rows stop early, one before the other, and a stopped row is frozen
+    "early-stop": dict(max_new_tokens=48, max_denoising_steps=12, t_min=0.2, t_max=1.0,
+                       entropy_bound=12.0, stability_threshold=0, confidence_threshold=5.93),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(SAMPLER_CASES))
+def test_sampler_matches_transformers_token_for_token(loaded, reference, monkeypatch, case):
+    from dllm_export.runtime.diffusion_gemma import (
+        GemmaSamplerConfig,
+        NumpyNoise,
+        TorchSteps,
+        generate,
+    )
+
+    model, _ = reference
+    options = SAMPLER_CASES[case]
+    vocab = loaded.args.vocab_size
+    prompt = _tokens(loaded, (2, 7), 10).numpy()
+    config = GemmaSamplerConfig(**options)
+    # a first run without an end token picks one the model produces in its second canvas
+    # row 0, so that the end-of-sequence padding is exercised
+    probe = generate(TorchSteps(loaded), prompt, config, NumpyNoise(vocab, 3))
+    eos = [int(probe.sequences[0, 7 + loaded.args.canvas_length + 2])]
+    pad = 0
+    ours = generate(TorchSteps(loaded), prompt, config, NumpyNoise(vocab, 3), eos, pad)
+    theirs, _ = _reference_generate(model, prompt, options, 3, monkeypatch, vocab, eos, pad)
+    np.testing.assert_array_equal(ours.sequences, theirs)
+    assert (ours.sequences[0, 7 + loaded.args.canvas_length + 3:] == pad).any()
+    if case == "early-stop":
+        assert max(ours.steps_per_canvas) < options["max_denoising_steps"]
+        assert ours.forwards[0] != ours.forwards[1]  # the rows stopped at different steps
+    else:
+        assert ours.steps_per_canvas == [options["max_denoising_steps"]] * 2
+
+
+def test_entropy_bound_acceptance_matches_the_rule():
+    from dllm_export.runtime.diffusion_gemma import accept
+
+    entropy = np.array([[0.3, 0.0, 0.05, 2.0, 0.04]], dtype=np.float32)
+    # ascending 0.0, 0.04, 0.05, 0.3, 2.0: cumulative minus own 0, 0, 0.04, 0.09, 0.39
+    np.testing.assert_array_equal(accept(entropy, 0.1), [[True, True, True, False, True]])
+    np.testing.assert_array_equal(accept(entropy, 0.01), [[False, True, False, False, True]])
