@@ -269,7 +269,8 @@ def test_moe_strategies_agree_with_gelu_experts(loaded):
 
 class _TorchNoise:
     """transformers' ``torch.randint`` / ``torch.multinomial`` driven by the runtime's noise
-    (the same seed and the same order of draws): multinomial becomes Gumbel-max."""
+    (the same seed and the same order of draws): multinomial becomes an inverse-CDF draw
+    with one uniform per row."""
 
     def __init__(self, noise):
         self.noise = noise
@@ -278,8 +279,9 @@ class _TorchNoise:
         return torch.as_tensor(self.noise.tokens(tuple(size))) + 0 * low
 
     def multinomial(self, probs, num_samples=1, **_):
-        gumbel = torch.as_tensor(self.noise.gumbel(tuple(probs.shape)))
-        return torch.argmax(torch.log(probs) + gumbel, dim=-1, keepdim=True)
+        uniform = torch.as_tensor(self.noise.uniform((probs.shape[0],)))
+        below = (torch.cumsum(probs, dim=-1) < uniform[:, None]).sum(dim=-1, keepdim=True)
+        return torch.clamp(below, max=probs.shape[-1] - 1)
 
 
 def _reference_generate(model, prompt, options, seed, monkeypatch, vocab, eos, pad):

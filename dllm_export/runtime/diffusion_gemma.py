@@ -9,8 +9,9 @@ random tokens (no mask token); then for step n = N .. 1 (N = ``max_denoising_ste
 1. the decoder runs over the canvas and the cache with the previous step's self-conditioning
    signal (none at the first step); its logits are divided by the temperature
    t = t_min + (t_max - t_min) n / N;
-2. a token is sampled per position from softmax(logits / t) (Gumbel-max: argmax of the
-   scaled logits plus Gumbel noise), and the argmax and the entropy are kept;
+2. a token is sampled per position from softmax(logits / t) (inverse CDF: the first token
+   whose cumulative probability reaches a uniform draw), and the argmax and the entropy
+   are kept;
 3. entropy-bound acceptance: the positions sorted by entropy, ascending, are accepted while
    (cumulative entropy - the position's own) <= ``entropy_bound``; accepted positions take
    the sample, the others keep the current token and are then re-noised with fresh uniform
@@ -26,14 +27,16 @@ canvas's encoder pass over the appended tokens is the commit pass.
 The model is reached through ``Steps`` (``encode`` and ``denoise``), so that nothing here
 needs the logits: ``denoise`` returns per position the sample, argmax and entropy and an
 opaque signal for the next step (an exported decoder graph keeps it on the device as soft
-embeddings). Randomness comes from a ``Noise`` (uniform tokens and Gumbel noise, drawn in
-transformers' order: the canvas, then per step the sample and the re-noising), so that a
-test can give the same noise to this sampler and to transformers' and compare tokens.
+embeddings). Randomness comes from a ``Noise`` (uniform tokens, and one uniform per
+position for the sample, drawn in transformers' order: the canvas, then per step the sample
+and the re-noising), so that a test can give the same noise to this sampler and to
+transformers' and compare tokens (export/diffusion_gemma.py says why the host draws it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -70,11 +73,11 @@ class GemmaSamplerConfig:
 class Noise(Protocol):
     def tokens(self, shape: tuple) -> np.ndarray: ...  # uniform ids in [0, vocab)
 
-    def gumbel(self, shape: tuple) -> np.ndarray: ...  # standard Gumbel, float32
+    def uniform(self, shape: tuple) -> np.ndarray: ...  # float32 in [0, 1)
 
 
 class NumpyNoise:
-    """Seeded noise: uniform tokens and Gumbel(0, 1) = -log(-log(U)), U in (0, 1)."""
+    """Seeded noise: uniform tokens and uniform floats in [0, 1)."""
 
     def __init__(self, vocab_size: int, seed: int = 0):
         self.vocab_size = vocab_size
@@ -83,10 +86,8 @@ class NumpyNoise:
     def tokens(self, shape):
         return self.rng.integers(0, self.vocab_size, size=shape, dtype=np.int64)
 
-    def gumbel(self, shape):
-        tiny = np.finfo(np.float32).tiny
-        uniform = self.rng.random(size=shape, dtype=np.float32)
-        return -np.log(-np.log(np.clip(uniform, tiny, 1.0 - 1e-7)))
+    def uniform(self, shape):
+        return self.rng.random(size=shape, dtype=np.float32)
 
 
 class Steps(Protocol):
@@ -99,7 +100,7 @@ class Steps(Protocol):
         """Write the keys and values of ``ids`` [B, L] at positions start.. (causal)."""
 
     def denoise(self, canvas: np.ndarray, start: int, temperature: float, signal,
-                gumbel: np.ndarray):
+                uniform: np.ndarray):
         """One decoder step: (sample, argmax [B, L] int64, entropy [B, L] float32, the
         next step's signal)."""
 
@@ -151,9 +152,9 @@ def generate(steps: Steps, prompt: np.ndarray, config: GemmaSamplerConfig, noise
         for step in range(config.max_denoising_steps, 0, -1):
             forwards += ~(done | finished)
             taken += 1
-            gumbel = noise.gumbel((batch, canvas_length, steps.vocab_size))
+            uniform = noise.uniform((batch, canvas_length))
             sample, new_argmax, entropy, new_signal = steps.denoise(
-                canvas, start, config.temperature(step), signal, gumbel)
+                canvas, start, config.temperature(step), signal, uniform)
             accepted = accept(entropy, config.entropy_bound)
             new_canvas = np.where(accepted, sample, canvas)
             fresh = noise.tokens((batch, canvas_length))
@@ -191,6 +192,13 @@ def generate(steps: Steps, prompt: np.ndarray, config: GemmaSamplerConfig, noise
             break
         pending = ids[:, -canvas_length:]
     return GemmaResult(ids, length, forwards, per_canvas)
+
+
+def inverse_cdf(torch, probs, uniform):
+    """The first token whose cumulative probability exceeds ``uniform`` (as the decoder
+    graph computes it)."""
+    below = (torch.cumsum(probs, dim=-1) < uniform[..., None]).to(torch.int64)
+    return torch.clamp(below.sum(dim=-1), max=probs.shape[-1] - 1)
 
 
 class TorchSteps:
@@ -233,7 +241,7 @@ class TorchSteps:
             self.past = [tuple(torch.cat((old, new), dim=2) for old, new in zip(a, b, strict=True))
                          for a, b in zip(self.past, cache.presents, strict=True)]
 
-    def denoise(self, canvas, start, temperature, signal, gumbel):
+    def denoise(self, canvas, start, temperature, signal, uniform):
         from dllm_export.models.layers import KVCache
 
         torch = self.torch
@@ -248,7 +256,7 @@ class TorchSteps:
             scaled = logits / temperature
             logprobs = torch.log_softmax(scaled, dim=-1)
             entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
-            sample = torch.argmax(scaled + torch.as_tensor(gumbel), dim=-1)
+            sample = inverse_cdf(torch, logprobs.exp(), torch.as_tensor(uniform))
             argmax = torch.argmax(scaled, dim=-1)
         return sample.numpy(), argmax.numpy(), entropy.float().numpy(), scaled
 
@@ -258,3 +266,89 @@ class TorchSteps:
             return new
         rows = self.torch.as_tensor(done)[:, None, None]
         return self.torch.where(rows, old, new)
+
+
+class OnnxSteps:
+    """``Steps`` over the three graphs of an exported artifact (export/diffusion_gemma.py)
+    on ONNX Runtime, with the cache held here as one numpy (keys, values) pair per layer of
+    ``capacity`` slots; the signal is the soft embeddings the decoder graph returns."""
+
+    def __init__(self, artifact_dir, threads: int | None = None, providers=None):
+        import onnxruntime as ort
+
+        from dllm_export.jsonio import read_json
+
+        self.directory = Path(artifact_dir)
+        manifest = read_json(self.directory / "manifest.json", "the artifact manifest")
+        if manifest.get("family") != "diffusion-gemma":
+            raise DllmExportError(f"{self.directory}: not a diffusion-gemma artifact")
+        self.manifest = manifest
+        self.vocab_size = manifest["vocab_size"]
+        self.canvas_length = manifest["canvas_length"]
+        self.capacity = manifest["capacity"]
+        self.prompt_length = manifest["prompt_length"]
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.sessions = {
+            name: ort.InferenceSession(str(self.directory / graph["file"]), options,
+                                       providers=providers or ["CPUExecutionProvider"])
+            for name, graph in manifest["graphs"].items()}
+        self.batch = manifest["batch"]
+        self.cache = None
+
+    def reset(self, batch: int) -> None:
+        if batch != self.batch:
+            raise DllmExportError(f"batch {batch}: the artifact was exported for batch "
+                                  f"{self.batch} (export with --batch {batch})")
+        self.cache = [np.zeros((batch, layer["kv_heads"], self.capacity, layer["head_dim"]),
+                               np.float32)
+                      for layer in self.manifest["cache"] for _ in range(2)]
+
+    def _feeds(self, ids, start, own, extra=()):
+        batch, rows = ids.shape
+        visible = np.zeros((batch, rows, self.capacity + rows), dtype=bool)
+        visible[:, :, :start] = True
+        visible[:, :, self.capacity:] = own
+        positions = np.broadcast_to(np.arange(start, start + rows), (batch, rows))
+        feeds = {"input_ids": ids.astype(np.int64), "position_ids": positions.astype(np.int64),
+                 "attention_mask": visible, **dict(extra)}
+        layers = len(self.cache) // 2
+        for i in range(layers):
+            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = self.cache[2 * i:2 * i + 2]
+        return feeds
+
+    def encode(self, ids, start):
+        ids = np.asarray(ids, dtype=np.int64)
+        batch, real = ids.shape
+        graph = "prefill" if start == 0 else "commit"
+        rows = self.prompt_length if graph == "prefill" else self.canvas_length
+        if real > rows:
+            raise DllmExportError(f"prompt of {real} tokens: the artifact takes up to {rows} "
+                                  f"(export with --prompt-length {real} or more)")
+        if start + real > self.capacity:
+            raise DllmExportError(f"the cache is full at {start + real} tokens: the artifact "
+                                  f"holds {self.capacity} (export with a larger --capacity)")
+        padded = np.zeros((batch, rows), dtype=np.int64)
+        padded[:, :real] = ids  # right padding: causal rows never see it, and it is not kept
+        own = np.tril(np.ones((rows, rows), dtype=bool))
+        presents = self.sessions[graph].run(None, self._feeds(padded, start, own))
+        for state, new in zip(self.cache, presents, strict=True):
+            state[:, :, start:start + real] = new[:, :, :real]
+
+    def denoise(self, canvas, start, temperature, signal, uniform):
+        batch, rows = canvas.shape
+        if start + rows > self.capacity:
+            raise DllmExportError(f"the canvas at {start} does not fit the cache of "
+                                  f"{self.capacity} slots (export with a larger --capacity)")
+        if signal is None:
+            signal = np.zeros((batch, rows, self.manifest["hidden_size"]), np.float32)
+        extra = {"signal": signal, "temperature": np.array([temperature], np.float32),
+                 "uniform": np.asarray(uniform, np.float32)}
+        own = np.ones((rows, rows), dtype=bool)
+        sample, argmax, entropy, nxt = self.sessions["decoder"].run(
+            None, self._feeds(np.asarray(canvas), start, own, extra))
+        return sample, argmax, entropy, nxt
+
+    def keep(self, done, old, new):
+        return new if old is None else np.where(np.asarray(done)[:, None, None], old, new)
