@@ -357,3 +357,79 @@ def test_entropy_bound_acceptance_matches_the_rule():
     # ascending 0.0, 0.04, 0.05, 0.3, 2.0: cumulative minus own 0, 0, 0.04, 0.09, 0.39
     np.testing.assert_array_equal(accept(entropy, 0.1), [[True, True, True, False, True]])
     np.testing.assert_array_equal(accept(entropy, 0.01), [[False, True, False, False, True]])
+
+
+# ---------------------------------------------------------------- the exported graphs
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory):
+    from dllm_export.export.diffusion_gemma import export_graphs
+
+    directory = tmp_path_factory.mktemp("dgemma-onnx") / "artifact"
+    export_graphs(checkpoint, directory, batch=2, prompt_length=8, capacity=8 + 3 * CANVAS)
+    return directory
+
+
+@pytest.mark.slow
+def test_graphs_are_trt_clean_and_decode_as_pytorch(exported, loaded):
+    from dllm_export.export.trt_lint import check_trt
+    from dllm_export.runtime.diffusion_gemma import OnnxSteps, TorchSteps
+
+    for graph in ("prefill", "commit", "decoder"):
+        assert not [f for f in check_trt(exported / f"{graph}.onnx")
+                    if f.severity == "error"], graph
+    prompt = _tokens(loaded, (2, 7), 11).numpy()
+    canvas = _tokens(loaded, (2, CANVAS), 12).numpy()
+    uniform = np.random.default_rng(0).random((2, CANVAS), dtype=np.float32)
+    ours, onnx = TorchSteps(loaded), OnnxSteps(exported, threads=1)
+    for steps in (ours, onnx):
+        steps.reset(2)
+        steps.encode(prompt, 0)
+        steps.encode(canvas, 7)  # a commit pass: the next canvas reads 23 cached slots
+    signal = (None, None)
+    for _ in range(2):  # the first step (no signal) and one with the previous step's
+        a = ours.denoise(canvas, 7 + CANVAS, 0.7, signal[0], uniform)
+        b = onnx.denoise(canvas, 7 + CANVAS, 0.7, signal[1], uniform)
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_array_equal(a[0], b[0])
+        assert np.abs(a[2] - b[2]).max() < 1e-4
+        soft = loaded.soft_embeddings(a[3]).numpy()
+        assert np.abs(soft - b[3]).max() < 1e-4
+        signal = (a[3], b[3])
+
+
+@pytest.mark.slow
+def test_onnx_runtime_generation_matches_pytorch_token_for_token(exported, loaded):
+    """The same noise on ONNX Runtime and on the PyTorch steps (which match transformers'
+    generate: test_sampler_matches_transformers_token_for_token)."""
+    from dllm_export.runtime.diffusion_gemma import (
+        GemmaSamplerConfig,
+        NumpyNoise,
+        OnnxSteps,
+        TorchSteps,
+        generate,
+    )
+
+    prompt = _tokens(loaded, (2, 7), 10).numpy()
+    config = GemmaSamplerConfig(**SAMPLER_CASES["early-stop"])
+    vocab = loaded.args.vocab_size
+    theirs = generate(TorchSteps(loaded), prompt, config, NumpyNoise(vocab, 5), [7], 0)
+    ours = generate(OnnxSteps(exported, threads=1), prompt, config, NumpyNoise(vocab, 5),
+                    [7], 0)
+    np.testing.assert_array_equal(ours.sequences, theirs.sequences)
+    assert ours.steps_per_canvas == theirs.steps_per_canvas
+
+
+@pytest.mark.slow
+def test_onnx_steps_refuse_what_the_artifact_cannot_hold(exported):
+    from dllm_export.runtime.diffusion_gemma import OnnxSteps
+
+    steps = OnnxSteps(exported, threads=1)
+    with pytest.raises(DllmExportError, match="exported for batch 2"):
+        steps.reset(1)
+    steps.reset(2)
+    with pytest.raises(DllmExportError, match="takes up to 8"):
+        steps.encode(np.zeros((2, 9), np.int64), 0)
+    with pytest.raises(DllmExportError, match="larger --capacity"):
+        steps.encode(np.zeros((2, CANVAS), np.int64), 8 + 3 * CANVAS - 4)

@@ -78,7 +78,8 @@ def _modules():
             probs = logprobs.exp()
             entropy = -(probs * logprobs).sum(dim=-1)
             below = (torch.cumsum(probs, dim=-1) < uniform[..., None]).to(torch.int64)
-            sample = torch.clamp(below.sum(dim=-1), max=scaled.shape[-1] - 1)
+            last = torch.tensor(scaled.shape[-1] - 1, dtype=torch.int64)
+            sample = torch.minimum(below.sum(dim=-1), last)  # Min: TensorRT clips no int64
             argmax = torch.argmax(scaled, dim=-1)
             return sample, argmax, entropy, self.model.soft_embeddings(scaled)
 

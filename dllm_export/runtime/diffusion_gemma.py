@@ -198,7 +198,7 @@ def inverse_cdf(torch, probs, uniform):
     """The first token whose cumulative probability exceeds ``uniform`` (as the decoder
     graph computes it)."""
     below = (torch.cumsum(probs, dim=-1) < uniform[..., None]).to(torch.int64)
-    return torch.clamp(below.sum(dim=-1), max=probs.shape[-1] - 1)
+    return torch.minimum(below.sum(dim=-1), torch.tensor(probs.shape[-1] - 1))
 
 
 class TorchSteps:
