@@ -170,3 +170,29 @@ def export_graphs(model_dir, out_dir, batch: int = 1, prompt_length: int = 32,
         }
         write_json(tmp / "manifest.json", manifest)
     return manifest
+
+
+def export_cli(model_dir, out_dir, seq_len: int, batch: int, dtype: str, moe: str,
+               opset: int) -> dict:
+    """``dllm-export export`` for DiffusionGemma: ``--seq-len`` is the cache's slots (prompt
+    and generation), the prompt bucket is that minus one canvas."""
+    from dllm_export.checkpoint import open_checkpoint
+    from dllm_export.models import model_args
+
+    args = model_args(open_checkpoint(model_dir))
+    if dtype != "fp32":
+        raise DllmExportError(f"--dtype {dtype}: DiffusionGemma exports fp32 graphs for now "
+                              "(quantise them with dllm-export quantize)")
+    if moe not in ("auto", "dense", "sparse"):
+        raise DllmExportError(f"--moe {moe}: DiffusionGemma's GELU experts need dense or "
+                              "sparse (com.microsoft::MoE runs SwiGLU)")
+    if seq_len <= args.canvas_length:
+        raise DllmExportError(f"--seq-len {seq_len}: the cache must hold a prompt and a canvas "
+                              f"of {args.canvas_length} (give more than {args.canvas_length})")
+    form = moe if moe != "auto" else ("dense" if args.num_experts <= 16 else "sparse")
+    manifest = export_graphs(model_dir, out_dir, batch=batch,
+                             prompt_length=seq_len - args.canvas_length, capacity=seq_len,
+                             moe=form, opset=opset)
+    print(f"{out_dir}: {', '.join(GRAPHS)} (batch {batch}, prompt up to "
+          f"{manifest['prompt_length']}, cache {seq_len} slots, MoE {form})")
+    return manifest
