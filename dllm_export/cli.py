@@ -233,8 +233,16 @@ class _StageProgress:
                    "up to 16 experts, beyond ort for --target onnxruntime, sparse for "
                    "tensorrt.")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
-              show_default=True, help="Where the graphs will run: picks the MoE form of "
-                                      "--moe auto for models with many experts.")
+              show_default=True, help="Where the graphs will run: picks the attention form "
+                                      "of --attention auto and the MoE form of --moe auto "
+                                      "for models with many experts.")
+@click.option("--attention", default="auto", show_default=True,
+              type=click.Choice(["auto", "mha", "onnx", "decomposed"]),
+              help="Attention in the graph: mha (com.microsoft::MultiHeadAttention, ONNX "
+                   "Runtime's fused kernel), onnx (the standard Attention op, --opset 23: "
+                   "TensorRT 10.14+ IAttention and ONNX Runtime), decomposed (MatMul / "
+                   "Softmax / MatMul, which TensorRT fuses at any opset); auto: mha for "
+                   "--target onnxruntime, for tensorrt onnx at --opset 23+ else decomposed.")
 @click.option("--moe-block", type=int, default=None,
               help="Rows per expert block (sparse; default: about the routed rows per expert "
                    "of each graph).")
@@ -253,8 +261,8 @@ class _StageProgress:
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check.")
 @click.option("--overwrite", is_flag=True)
 @user_errors
-def export(model_dir, out_dir, seq_len, batch, dtype, moe, target, moe_block, outputs, topk,
-           opset, cache, block_length, window, no_validate, overwrite):
+def export(model_dir, out_dir, seq_len, batch, dtype, moe, target, attention, moe_block,
+           outputs, topk, opset, cache, block_length, window, no_validate, overwrite):
     """Export a checkpoint to a validated ONNX artifact."""
     from dllm_export.export.onnx import ExportOptions, export_model
 
@@ -267,7 +275,7 @@ def export(model_dir, out_dir, seq_len, batch, dtype, moe, target, moe_block, ou
     options = ExportOptions(seq_len=seq_len, batch=batch, dtype=dtype, moe=moe, moe_block=moe_block,
                             outputs=outputs, topk=topk, opset=opset, validate=not no_validate,
                             overwrite=overwrite, cache=cache, block_length=block_length,
-                            window=window, target=target)
+                            window=window, target=target, attention=attention)
     with _StageProgress() as progress:
         manifest = export_model(model_dir, out_dir, options, report=progress)
     _print_export_summary(out_dir, manifest)
@@ -370,6 +378,59 @@ def run(artifact_dir, prompt, chat, provider, threads, show_steps, truncate, **k
     generator = Generator.from_artifact(artifact_dir, provider=provider, threads=threads)
     _print_generation(generator, prompt, chat, show_steps, truncate, overrides)
 
+
+
+@main.command()
+@click.argument("source", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--max-batch", type=int, default=None,
+              help="Requests per denoise call (default: the artifact's fixed batch).")
+@click.option("--max-queue", default=64, show_default=True, type=int,
+              help="Waiting requests before new ones get 429.")
+@click.option("--timeout", default=120.0, show_default=True, type=float,
+              help="Seconds from arrival after which a request is cancelled (504).")
+@click.option("--batch-wait", default=0.01, show_default=True, type=float,
+              help="Seconds a batch that is not full waits for more requests.")
+@click.option("--model-name", default=None, help="The model id clients send (default: the "
+                                                 "directory's name).")
+@click.option("--provider", default="cpu", show_default=True,
+              type=click.Choice(["cpu", "cuda", "tensorrt"]), help="ONNX Runtime provider.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (default: all cores).")
+@user_errors
+def serve(source, host, port, max_batch, max_queue, timeout, batch_wait, model_name, provider,
+          threads):
+    """An OpenAI-compatible server over an artifact, engine or checkpoint (extra: serve)."""
+    try:
+        from dllm_export.serve.app import serve as run_server
+    except ImportError as err:
+        raise DllmExportError(f"dllm-export serve needs the serve extra ({err.name} is "
+                              "missing): pip install 'dllm-export[serve]'") from None
+    run_server(source, host, port, max_batch, max_queue, timeout, batch_wait, model_name,
+               provider, threads)
+
+
+@main.command()
+@click.argument("source", type=click.Path())
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(),
+              help="Model repository directory (the model goes in a folder inside it).")
+@click.option("--name", default=None, help="Model name (default: the source directory's name).")
+@click.option("--instances", default=1, show_default=True, type=int,
+              help="Model instances (instance_group count).")
+@click.option("--max-queue-delay-us", default=10000, show_default=True, type=int,
+              help="Dynamic batching: how long a request waits for others.")
+@click.option("--provider", default="cpu", show_default=True,
+              type=click.Choice(["cpu", "cuda", "tensorrt"]), help="ONNX Runtime provider.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads per instance.")
+@click.option("--overwrite", is_flag=True)
+@user_errors
+def triton(source, out_dir, name, instances, max_queue_delay_us, provider, threads, overwrite):
+    """A Triton Inference Server model repository (Python backend, decoupled streaming)."""
+    from dllm_export.serve.triton import write_repository
+
+    model = write_repository(source, out_dir, name, instances, max_queue_delay_us, provider,
+                             threads, overwrite)
+    click.echo(str(model))
 
 @main.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -483,6 +544,8 @@ def build(artifact_dir, profile_name, out_dir, precision, via, weight_streaming,
                                         "peak_device_bytes", "engine_bytes") if key in done}
     click.echo(out_dir)
     _console().print(" ".join(f"{k}={v}" for k, v in stats.items()), style="dim")
+    if done.get("precision_from"):
+        _console().print(f"precision from: {done['precision_from']}", style="dim")
 
 
 @main.command("profile")

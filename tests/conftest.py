@@ -53,19 +53,21 @@ def tiny_model(tiny_dir):
 
 @pytest.fixture(scope="session")
 def artifact(tiny_dir, tmp_path_factory):
-    """A function (family, moe) -> artifact directory with the cached graphs, exported
-    once per session (canvas 48, step block 8, prefix window 16)."""
+    """A function (family, moe, target) -> artifact directory with the cached graphs,
+    exported once per session (canvas 48, step block 8, prefix window 16). ``target``
+    picks the attention form: onnxruntime's MultiHeadAttention or TensorRT's (parser
+    clean)."""
     from dllm_export.export.onnx import ExportOptions, export_model
 
     root = tmp_path_factory.mktemp("artifacts")
     made = {}
 
-    def get(family, moe="sparse"):
-        key = (family, moe)
+    def get(family, moe="sparse", target="onnxruntime"):
+        key = (family, moe, target)
         if key not in made:
-            made[key] = root / f"{family}-{moe}"
+            made[key] = root / f"{family}-{moe}-{target}"
             options = ExportOptions(seq_len=ARTIFACT_SEQ_LEN, moe=moe, cache=True,
-                                    block_length=ARTIFACT_BLOCK, window=16)
+                                    block_length=ARTIFACT_BLOCK, window=16, target=target)
             export_model(tiny_dir(family), made[key], options)
         return made[key]
 

@@ -12,6 +12,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fake_tensorrt import TRT10, TRT11
+from trt_fixtures import (
+    VERSION_IDS,
+    VERSIONS,
+    install_stand_ins,
+    versioned,
+    write_artifact,
+)
 
 from dllm_export.cli import main
 from dllm_export.device_profiles import all_profiles, load_profile
@@ -26,39 +34,34 @@ from dllm_export.export.build import (
     engine_manifest,
 )
 from dllm_export.export.plan import plan_model
-from dllm_export.export.trt_builder import network_typing, timing_cache_path
-from dllm_export.runtime.artifact import open_backend, tensorrt_provider_options
+from dllm_export.export.trt_builder import (
+    check_supported,
+    network_typing,
+    timing_cache_path,
+)
+from dllm_export.runtime.artifact import open_backend
 from dllm_export.runtime.backends.tensorrt import (
     RunningStack,
     check_engine_compatibility,
 )
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-TINY = {"model_type": "llada", "d_model": 64, "n_heads": 4, "n_layers": 2,
-        "mlp_hidden_size": 192, "vocab_size": 300}
 
 
-def write_artifact(directory: Path, config: dict = TINY, precision: str = "fp32",
-                   valid: bool = True, seq_len: int = 64) -> Path:
-    directory.mkdir(parents=True)
-    manifest = {
-        "format": "dllm-export", "format_version": 1, "kind": "onnx", "family": "llada",
-        "source": {"checkpoint": "/ckpt", "fingerprint": "abc", "config": config},
-        "graph": {"file": "model.onnx", "data": "model.onnx.data", "opset": 18},
-        "shapes": {"batch": 1, "seq_len": seq_len}, "dtype": "fp32", "precision": precision,
-        "vocab_size": config["vocab_size"], "special_tokens": {"mask_id": 0, "eos_id": 1},
-        "special_ids": [1], "topk": 8, "outputs": "decode", "shift_logits": False,
-        "moe": None, "generation_defaults": {"algorithm": "llada"},
-        "inputs": [{"name": "input_ids", "shape": [1, seq_len], "dtype": "int64"},
-                   {"name": "attention_mask", "shape": [1, seq_len], "dtype": "int64"}],
-        "output_specs": [], "versions": {"torch": "2.13"}, "validation": {"passed": True},
-        "quantization": None, "valid": valid,
-    }
-    (directory / "manifest.json").write_text(json.dumps(manifest))
-    (directory / "model.onnx").write_bytes(b"graph")
-    (directory / "model.onnx.data").write_bytes(b"weights" * 100)
-    (directory / "tokenizer.json").write_text("{}")
-    return directory
+@pytest.fixture
+def install_fakes(monkeypatch):
+    return install_stand_ins(monkeypatch)
+
+
+@pytest.fixture(params=VERSIONS, ids=VERSION_IDS)
+def trt_version(request):
+    return request.param
+
+
+@pytest.fixture
+def fakes(install_fakes, trt_version):
+    """The stand-ins of TensorRT 10.x, and again of 11.x."""
+    return versioned(install_fakes, trt_version)
 
 
 @pytest.fixture
@@ -106,23 +109,36 @@ def test_version_and_gpu_mismatch_are_both_named():
 # --- builder rules ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("precision, dtype, version, library, typed, flag", [
-    ("int8", "fp32", "10.8.0.43", "tensorrt", True, None),   # Q/DQ: the graph has the types
-    ("fp8", "fp16", "10.8.0.43", "tensorrt", True, None),
-    ("fp16", "fp16", "10.8.0.43", "tensorrt", True, None),   # already fp16
-    ("fp32", "fp32", "11.2.0.1", "tensorrt", True, None),
-    ("fp16", "fp32", "10.8.0.43", "tensorrt", False, "FP16"),  # TensorRT 10 lowers fp32
-    ("bf16", "fp32", "10.3.0.30", "tensorrt", False, "BF16"),
+@pytest.mark.parametrize("precision, dtype, version, library, typed, flag, cast, bit", [
+    ("int8", "fp32", "10.8.0.43", "tensorrt", True, None, None, True),  # Q/DQ: typed graph
+    ("fp8", "fp16", "10.8.0.43", "tensorrt", True, None, None, True),
+    ("fp16", "fp16", "10.8.0.43", "tensorrt", True, None, None, True),   # already fp16
+    ("fp32", "fp32", "11.2.0.1", "tensorrt", True, None, None, False),
+    ("fp16", "fp32", "10.8.0.43", "tensorrt", False, "FP16", None, False),  # 10 lowers fp32
+    ("bf16", "fp32", "10.3.0.30", "tensorrt", False, "BF16", None, False),
+    ("bf16", "fp32", TRT11, "tensorrt", True, None, "bf16", False),  # 11: cast the graph
+    ("fp16", "fp32", "1.2.0", "tensorrt_rtx", True, None, "fp16", False),
+    ("int8", "fp32", TRT11, "tensorrt", True, None, None, False),  # 11: flag deprecated
 ])
-def test_network_typing(precision, dtype, version, library, typed, flag):
+def test_network_typing(precision, dtype, version, library, typed, flag, cast, bit):
     typing = network_typing(precision, dtype, version, library)
-    assert (typing.strongly_typed, typing.precision_flag) == (typed, flag)
+    assert (typing.strongly_typed, typing.precision_flag, typing.cast_to,
+            typing.creation_flag) == (typed, flag, cast, bit)
 
 
-@pytest.mark.parametrize("version, library", [("11.0.0.1", "tensorrt"), ("1.2.0", "tensorrt_rtx")])
-def test_strongly_typed_only_libraries_need_a_typed_graph(version, library):
-    with pytest.raises(DllmExportError, match="strongly typed networks only.*--dtype fp16"):
-        network_typing("fp16", "fp32", version, library)
+@pytest.mark.parametrize("version, library", [(TRT11, "tensorrt"), ("1.2.0", "tensorrt_rtx")])
+def test_strongly_typed_libraries_do_not_recast_a_16_bit_graph(version, library):
+    with pytest.raises(DllmExportError, match="this artifact is fp16 .* builds the types the "
+                                              "graph carries: export it again with --dtype bf16"):
+        network_typing("bf16", "fp16", version, library)
+
+
+@pytest.mark.parametrize("version", ["8.6.1", "10.3.0.30", "12.0.0"])
+def test_unsupported_tensorrt_is_refused(version):
+    with pytest.raises(DllmExportError, match=f"TensorRT {version} is outside the supported "
+                                              "10.8 to 11.x"):
+        check_supported(version, "tensorrt")
+    check_supported("1.2.0", "tensorrt_rtx")  # TensorRT for RTX has its own numbering
 
 
 def test_timing_cache_is_kept_per_gpu_and_version(monkeypatch, tmp_path):
@@ -292,14 +308,6 @@ def test_open_backend_dispatches_on_kind(tmp_path, monkeypatch, no_tensorrt):
         open_backend(engine)
 
 
-def test_tensorrt_provider_options_are_made_absolute(tmp_path):
-    manifest = {"execution_provider": {"options": {"trt_engine_cache_path": "ort-trt-cache",
-                                                   "trt_fp16_enable": True}}}
-    options = tensorrt_provider_options(tmp_path, manifest)
-    assert options["trt_engine_cache_path"] == str((tmp_path / "ort-trt-cache").resolve())
-    assert options["trt_fp16_enable"] is True
-
-
 # --- on a GPU with TensorRT ---------------------------------------------------------------
 
 
@@ -333,7 +341,7 @@ def test_engine_matches_onnxruntime_on_the_decode_head(tmp_path, request, family
     profile = gpu_profile(tmp_path)
     tiny_dir = request.getfixturevalue("tiny_dir")  # only once a GPU is known to be there
     artifact = tmp_path / "artifact"
-    export_model(tiny_dir(family), artifact, ExportOptions(seq_len=64))
+    export_model(tiny_dir(family), artifact, ExportOptions(seq_len=64, target="tensorrt"))
     engine_dir = tmp_path / "engine"
     build_engine(artifact, profile, engine_dir, BuildOptions(precision="fp32"))
     trt_backend, manifest = open_backend(engine_dir)
@@ -354,30 +362,14 @@ def test_engine_matches_onnxruntime_on_the_decode_head(tmp_path, request, family
         trt_backend.close()
 
 
-# --- the build and the backend against fake tensorrt / cuda-python (no GPU needed) ------
+# --- the build and the backend against the stand-ins (no GPU needed) ---------------------
 
 
-@pytest.fixture
-def fakes(monkeypatch):
-    """Install the fakes; returns a function (version, parse_ok, capture_ok) -> log."""
-    from fake_tensorrt import FakeCudart, make_tensorrt
-
-    from dllm_export.runtime import cuda
-
-    def install(version="10.8.0.43", parse_ok=True, capture_ok=True) -> dict:
-        log: dict = {}
-        monkeypatch.setitem(sys.modules, "tensorrt", make_tensorrt(log, version, parse_ok))
-        fake_runtime = FakeCudart(log, capture_ok)
-        monkeypatch.setattr(cuda, "cudart", lambda: fake_runtime)
-        log["cuda"] = fake_runtime
-        return log
-
-    return install
-
-
-def test_build_drives_the_documented_builder_api(tmp_path, fakes):
+def test_build_drives_the_documented_builder_api(tmp_path, fakes, trt_version):
     log = fakes()
-    artifact = write_artifact(tmp_path / "art")
+    # TensorRT 10 lowers an fp32 graph with the FP16 flag; 11 has no flag: an fp16 graph
+    ten = trt_version == TRT10
+    artifact = write_artifact(tmp_path / "art", dtype="fp32" if ten else "fp16")
     events = []
     options = BuildOptions(precision="fp16", timing_cache=tmp_path / "t.cache")
     manifest = build_engine(artifact, load_profile("h100-sxm"), tmp_path / "engine", options,
@@ -388,129 +380,77 @@ def test_build_drives_the_documented_builder_api(tmp_path, fakes):
     assert json.loads((engine / "manifest.json").read_text()) == manifest
     assert manifest["gpu_name"] == "NVIDIA H100 80GB HBM3" and manifest["cuda_version"] == "12.8"
     assert log["parsed"] == str(artifact / "model.onnx")  # a path: external data is found
-    assert log["network_flags"] == 0  # fp32 graph lowered to fp16 by the flag (TensorRT 10)
-    assert log["built"]["flags"] == ["FP16"] and log["built"]["level"] == 3
+    assert log["network_flags"] == 0  # 10: weakly typed; 11: typed, flag deprecated
+    assert log["built"]["flags"] == (["FP16"] if ten else [])
+    assert log["built"]["level"] == 3
     assert log["built"]["shapes"]["input_ids"] == ((1, 64),) * 3  # min = opt = max
     assert log["workspace"] == ("workspace", 8 << 30)
     assert (tmp_path / "t.cache").read_bytes() == b"timings:"
     assert ("start", "Building engine", None, 2) in events
     build = manifest["build"]
     assert build["peak_device_bytes"] == 10 << 30 and build["peak_host_bytes"] > 0
-    assert build["engine_bytes"] == 6 and build["precision_flag"] == "FP16"
+    assert build["engine_bytes"] == 6 and build["precision_flag"] == ("FP16" if ten else None)
+    assert build["precision_from"] == ("builder flag FP16 on the fp32 graph" if ten
+                                       else "graph (fp16 artifact built as fp16)")
+    assert build["cast_pass"] is None
 
 
-def test_build_of_a_quantised_artifact_is_strongly_typed(tmp_path, fakes):
+def test_build_of_a_quantised_artifact_is_strongly_typed(tmp_path, fakes, trt_version):
     log = fakes()
     artifact = write_artifact(tmp_path / "art", precision="int8")
     options = BuildOptions(weight_streaming=True, refittable=True,
                            timing_cache=tmp_path / "t.cache")
     manifest = build_engine(artifact, load_profile("h100-sxm"), tmp_path / "e", options)
-    assert log["network_flags"] == 1 << 5  # STRONGLY_TYPED
+    # NetworkDefinitionCreationFlag.STRONGLY_TYPED is 1 in 10.x; in 11.x (0) it is ignored
+    assert log["network_flags"] == (1 << 1 if trt_version == TRT10 else 0)
     assert log["built"]["flags"] == ["WEIGHT_STREAMING", "REFIT"]
     assert manifest["precision"] == "int8" and manifest["build"]["strongly_typed"]
 
 
-def test_build_refusals_after_tensorrt_loads(tmp_path, fakes):
+def test_build_refusals_after_tensorrt_loads(tmp_path, fakes, trt_version):
     artifact = write_artifact(tmp_path / "art")
-    fakes(version="11.0.0.1")
-    with pytest.raises(DllmExportError, match="strongly typed networks only"):
-        build_engine(artifact, load_profile("h100-sxm"), tmp_path / "e",
-                     BuildOptions(precision="fp16", timing_cache=tmp_path / "t"))
     fakes()
-    with pytest.raises(DllmExportError, match="weight-streaming needs a strongly typed"):
-        build_engine(artifact, load_profile("h100-sxm"), tmp_path / "e",
-                     BuildOptions(precision="fp16", weight_streaming=True))
+    if trt_version == TRT10:
+        with pytest.raises(DllmExportError, match="weight-streaming needs a strongly typed"):
+            build_engine(artifact, load_profile("h100-sxm"), tmp_path / "e",
+                         BuildOptions(precision="fp16", weight_streaming=True))
+    else:  # 11: the placeholder graph cannot be cast, and says so in one line
+        with pytest.raises(DllmExportError, match=r"model.onnx: the cast pass cannot read "
+                                                  r"this graph \(.*\); re-export the artifact$"):
+            build_engine(artifact, load_profile("h100-sxm"), tmp_path / "e",
+                         BuildOptions(precision="fp16", timing_cache=tmp_path / "t"))
+    sixteen = write_artifact(tmp_path / "art16", dtype="fp16")
+    if trt_version == TRT11:
+        with pytest.raises(DllmExportError, match="this artifact is fp16 and tensorrt "
+                                                  f"{TRT11} builds the types the graph carries"):
+            build_engine(sixteen, load_profile("h100-sxm"), tmp_path / "e",
+                         BuildOptions(precision="bf16", timing_cache=tmp_path / "t"))
     with pytest.raises(DllmExportError, match="this GPU \\(NVIDIA H100 80GB HBM3\\) has compute "
                                               "capability 9.0, but profile l4 describes 8.9"):
         build_engine(artifact, load_profile("l4"), tmp_path / "e", BuildOptions())
     fakes(parse_ok=False)
     with pytest.raises(DllmExportError, match="ONNX parser failed \\(1 error\\(s\\); first: In "
                                               "node 3 \\(Attention\\)"):
+        build_engine(artifact, load_profile("h100-sxm"), tmp_path / "e",
+                     BuildOptions(precision="fp32"))
+    fakes(version_override="10.3.0.30")
+    with pytest.raises(DllmExportError, match="TensorRT 10.3.0.30 is outside the supported"):
         build_engine(artifact, load_profile("h100-sxm"), tmp_path / "e", BuildOptions())
     assert not (tmp_path / "e").exists()
+    assert not list(tmp_path.glob(".dllm-cast-*"))  # the cast pass's scratch is removed
 
 
-@pytest.mark.parametrize("capture_ok", [True, False])
-def test_tensorrt_backend_step_loop(tmp_path, fakes, capture_ok):
-    log = fakes(capture_ok=capture_ok)
-    artifact = write_artifact(tmp_path / "art", seq_len=8)
-    build_engine(artifact, load_profile("h100-sxm"), tmp_path / "engine",
-                 BuildOptions(precision="fp32", timing_cache=tmp_path / "t"))
-    backend, manifest = open_backend(tmp_path / "engine")
-    assert (backend.seq_len, backend.batch_size, backend.special_ids) == (8, 1, (1,))
-    ids = np.arange(8, dtype=np.int64)[None]
-    mask = np.ones_like(ids)
-    first = backend.predict(ids, mask)
-    np.testing.assert_array_equal(first.topk_ids[..., 0], ids)
-    np.testing.assert_array_equal(first.neg_entropy, -mask)
-    log["copies"].clear()
-    second = backend.predict(ids + 1, mask)  # same mask: only the canvas goes up
-    np.testing.assert_array_equal(second.topk_ids[..., 0], ids + 1)
-    uploads = [count for kind, count in log["copies"] if kind == 1]
-    downloads = [count for kind, count in log["copies"] if kind == 2]
-    assert uploads == [8 * 8]  # input_ids only
-    assert len(downloads) == 4  # the decode head's four outputs, never logits
-    # step 1: a direct launch plus the one the capture records (the fake runs it); step 2
-    # replays the graph (the fake replays by launching) or, without a graph, launches again
-    assert log["launches"] == 3
-    assert log.get("replays") == (1 if capture_ok else None)
-    backend.close()
-    assert log["cuda"].memory == {}  # every device buffer freed
-
-
-def test_tensorrt_backend_refuses_an_engine_from_elsewhere(tmp_path, fakes):
+def test_cli_build_shows_progress_and_stats(tmp_path, fakes, trt_version):
     fakes()
-    artifact = write_artifact(tmp_path / "art", seq_len=8)
-    build_engine(artifact, load_profile("h100-sxm"), tmp_path / "engine",
-                 BuildOptions(precision="fp32", timing_cache=tmp_path / "t"))
-    fakes(version="10.9.0.34")  # TensorRT upgraded since the build
-    with pytest.raises(DllmExportError, match="engine was built for TensorRT 10.8.0.43 \\(this "
-                                              "machine has 10.9.0.34\\).*rebuild it here"):
-        open_backend(tmp_path / "engine")
-
-
-def test_cli_build_shows_progress_and_stats(tmp_path, fakes):
-    fakes()
-    artifact = write_artifact(tmp_path / "art")
+    artifact = write_artifact(tmp_path / "art", dtype="fp32" if trt_version == TRT10 else "fp16")
     result = CliRunner().invoke(main, [
         "build", str(artifact), "--profile", "h100-sxm", "-o", str(tmp_path / "engine"),
         "--precision", "fp16", "--timing-cache", str(tmp_path / "t.cache")])
     assert result.exit_code == 0, result.output
     assert str(tmp_path / "engine") in result.output and "engine_bytes=6" in result.output
-
-
-def test_ort_trt_build_fills_the_engine_cache(tmp_path, monkeypatch):
-    ort = pytest.importorskip("onnxruntime")
-    seen = {}
-
-    class FakeSession:
-        def __init__(self, path, options, providers):
-            seen["providers"] = providers
-            cache = Path(providers[0][1]["trt_engine_cache_path"])
-            cache.mkdir(parents=True, exist_ok=True)
-            (cache / "TensorrtExecutionProvider_TRTKernel_graph_x_sm90.engine").write_bytes(b"e")
-
-        def run(self, names, feeds):
-            seen["feeds"] = {k: v.shape for k, v in feeds.items()}
-
-        def get_providers(self):
-            return ["TensorrtExecutionProvider", "CPUExecutionProvider"]
-
-    monkeypatch.setattr(ort, "get_available_providers", lambda: [
-        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(ort, "InferenceSession", FakeSession)
-    artifact = write_artifact(tmp_path / "art")
-    out = tmp_path / "ort-engine"
-    manifest = build_engine(artifact, load_profile("h100-sxm"), out,
-                            BuildOptions(via="ort-trt", precision="bf16"))
-    name, options = seen["providers"][0]
-    assert name == "TensorrtExecutionProvider" and options["trt_bf16_enable"] is True
-    assert options["trt_max_workspace_size"] == 8 << 30
-    assert options["trt_builder_optimization_level"] == 3
-    assert seen["feeds"] == {"input_ids": (1, 64), "attention_mask": (1, 64)}
-    assert manifest["kind"] == "onnx" and manifest["ort_tensorrt"]["precision"] == "bf16"
-    assert list((out / "ort-trt-cache").glob("*.engine"))  # where run --provider tensorrt looks
-    assert (out / "model.onnx").is_file() and (out / "tokenizer.json").is_file()
+    said = ("builder flag FP16 on the fp32 graph" if trt_version == TRT10
+            else "graph (fp16 artifact built as fp16)")
+    assert f"precision from: {said}" in result.output
 
 
 def test_build_refuses_a_graph_tensorrt_cannot_parse(tmp_path):
@@ -525,41 +465,42 @@ def test_build_refuses_a_graph_tensorrt_cannot_parse(tmp_path):
     check_tensorrt_compatible(tmp_path, {"trt_compatibility": {"clean": True, "findings": []}})
 
 
-def test_tensorrt_backend_keeps_the_cache_on_the_device(tmp_path, fakes, artifact):
-    """Engines for every cached graph; cached decoding commits ONNX Runtime's tokens in
-    each mode while the cache stays in device buffers: the prefill engine writes
-    it in place, commits are device-to-device copies, and only ids, positions, masks and
-    the decode head cross to and from the host."""
-    from dllm_export import families
-    from dllm_export.runtime.backends.onnxruntime import OrtBackend
-    from dllm_export.runtime.generate import SamplerConfig, Special, denoise
+def test_tensorrt_11_builds_an_fp32_artifact_from_a_cast_graph(tmp_path, install_fakes,
+                                                               artifact):
+    """TensorRT 11 has no FP16 flag: build casts the fp32 graphs (every cached graph too),
+    TensorRT parses the cast copies, and the engine's decode head stays close to fp32."""
+    import onnx
 
-    source = artifact("llada")  # exported before the fakes replace tensorrt
-    log = fakes()
+    from dllm_export.runtime.backends.onnxruntime import OrtBackend
+
+    source = artifact("llada", target="tensorrt")  # TensorRT-clean
+    log = install_fakes(TRT11)
     engine = tmp_path / "engine"
     manifest = build_engine(source, load_profile("h100-sxm"), engine,
-                            BuildOptions(precision="fp32", timing_cache=tmp_path / "t"))
-    assert sorted(p.name for p in engine.glob("*.engine")) == [
-        "decode.engine", "model.engine", "prefill.engine", "step.engine", "window.engine"]
-    assert manifest["cache"]["graphs"]["step"]["engine"] == "step.engine"
-    assert set(manifest["build"]["cached_engine_bytes"]) == {"prefill", "step", "window",
-                                                              "decode"}
+                            BuildOptions(precision="fp16", timing_cache=tmp_path / "t"))
+    build = manifest["build"]
+    assert build["precision_from"] == ("cast pass fp32 -> fp16 (fp32 kept for norms, "
+                                       "softmax, router, decode head)")
+    assert build["cast_pass"]["kept_fp32_nodes"] > 0 and build["strongly_typed"]
+    assert log["network_flags"] == 0 and log["built"]["flags"] == []
+    parsed = [Path(p) for p in log["parsed_all"]]
+    assert sorted(p.name for p in parsed) == sorted(
+        ["model.onnx", "prefill.onnx", "step.onnx", "window.onnx", "decode.onnx"])
+    assert all(p.parent != source and not p.exists() for p in parsed)  # scratch, removed
+    assert not list(tmp_path.glob(".dllm-cast-*"))
+    plan = onnx.load_model_from_string((engine / "model.engine").read_bytes()[5:])
+    types = {t.data_type for t in plan.graph.initializer if t.dims and len(t.dims) == 2}
+    assert onnx.TensorProto.FLOAT16 in types  # the matrices are fp16 in what TensorRT built
     backend, _ = open_backend(engine)
-    ort = OrtBackend(source, json.loads((source / "manifest.json").read_text()))
-    special = Special(**{k: manifest["special_tokens"][k] for k in ("mask_id", "eos_id")},
-                      eot_id=manifest["special_tokens"]["eot_id"],
-                      pad_id=manifest["special_tokens"]["eos_id"])
-    prompt = [int(t) for t in np.random.default_rng(3).integers(0, 300, 32)]
-    cache_bytes = sum(b.nbytes for b in backend.cache.values())
-    for mode in ("none", "dual", "block"):
-        config = SamplerConfig(gen_length=16, steps=16, block_length=8, cache=mode,
-                               early_exit=False)
-        log["copies"], log["copies_2d"] = [], []
-        got = denoise(backend, [prompt], config, special, family=families.family("llada"))
-        want = denoise(ort, [prompt], config, special, family=families.family("llada"))
-        assert got.sequences.tolist() == want.sequences.tolist(), mode
-        assert max(count for _, count in log["copies"]) < cache_bytes / 4, mode
-        commits = [c for c in log["copies_2d"] if c[0] == 3]
-        assert len(commits) == (2 * 2 if mode == "block" else 0)  # 1 commit x 2 layers x k, v
+    reference = OrtBackend(source, json.loads((source / "manifest.json").read_text()))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 300, size=(1, 48), dtype=np.int64)
+    ids[0, 30:] = manifest["special_tokens"]["mask_id"]
+    mask = np.ones_like(ids)
+    got, want = backend.predict(ids, mask), reference.predict(ids, mask)
+    # fp16 matrices, fp32 norms/softmax/head: the best log-prob and the entropy move by a
+    # few 1e-3 on this tiny random model (fp16's 11-bit mantissa over 2 layers)
+    np.testing.assert_allclose(got.topk_logprobs[..., 0], want.topk_logprobs[..., 0],
+                               atol=2e-2)
+    np.testing.assert_allclose(got.neg_entropy, want.neg_entropy, atol=2e-2)
     backend.close()
-    assert log["cuda"].memory == {}

@@ -24,7 +24,7 @@ GEN = 16
 
 
 @pytest.mark.parametrize("family", ["llada", "llada-moe", "dream"])
-def test_export_is_valid_and_tensorrt_clean(family, artifact):
+def test_export_is_valid_and_only_fused_attention_needs_onnx_runtime(family, artifact):
     directory = artifact(family)
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["valid"] is True
@@ -36,9 +36,11 @@ def test_export_is_valid_and_tensorrt_clean(family, artifact):
         "window/bidirectional", "prefill/block_causal", "step/block_causal",
         "commit/block_causal", "step-after-commit/block_causal", "prefill/causal",
         "decode/causal"]
+    # --target onnxruntime: attention runs as com.microsoft::MultiHeadAttention, the only
+    # nodes TensorRT cannot parse (--target tensorrt exports: tests/test_attention_export.py)
     trt = manifest["trt_compatibility"]
-    assert trt["clean"] and trt["findings"] == []
-    assert trt["graphs"] == dict.fromkeys(["canvas", "prefill", "step", "window", "decode"], True)
+    assert {f["op"] for f in trt["findings"]} == {"com.microsoft::MultiHeadAttention"}
+    assert trt["graphs"] == dict.fromkeys(["canvas", "prefill", "step", "window", "decode"], False)
     assert manifest["shift_logits"] is (family == "dream")
     assert (manifest["moe"] is not None) is (family == "llada-moe")
     assert manifest["shapes"] == {"batch": 1, "seq_len": SEQ_LEN}
@@ -81,9 +83,11 @@ def test_moe_strategies_export_and_agree(artifact):
     dense = json.loads((artifact("llada-moe", "dense") / "manifest.json").read_text())
     ort = json.loads((artifact("llada-moe", "ort") / "manifest.json").read_text())
     assert dense["valid"] and ort["valid"]
-    assert dense["trt_compatibility"]["clean"]
-    assert not ort["trt_compatibility"]["clean"]  # com.microsoft::MoE needs a plugin
-    assert {f["op"] for f in ort["trt_compatibility"]["findings"]} == {"com.microsoft::MoE"}
+    attention = "com.microsoft::MultiHeadAttention"  # --target onnxruntime's attention
+    assert {f["op"] for f in dense["trt_compatibility"]["findings"]} == {attention}
+    # com.microsoft::MoE needs a plugin as well
+    assert {f["op"] for f in ort["trt_compatibility"]["findings"]} == {"com.microsoft::MoE",
+                                                                       attention}
 
 
 def test_runtime_generates_without_torch(artifact, tmp_path):
@@ -122,8 +126,11 @@ def test_failed_validation_marks_the_artifact_invalid(tiny_dir, tmp_path, monkey
     monkeypatch.setitem(validate.BARS, "fp32", {"top1_agreement": 0.5,
                                                 "logprob_tolerance": 1e-12, "percentile": 100})
     out = tmp_path / "invalid"
-    with pytest.raises(DllmExportError, match=r"validation against PyTorch failed \(mask_0.5: "
-                                              r"max log-probability difference .* > 1e-12 \|"):
+    # the message names the first failing case and its check (which cases miss a 1e-12 bar
+    # depends on the CPU's kernels: some machines compute mask_0.1 exactly)
+    with pytest.raises(DllmExportError, match=r"validation against PyTorch failed \("
+                                              r"(mask_0\.\d|left_padded): max log-probability "
+                                              r"difference .* > 1e-12"):
         export_model(tiny_dir("llada"), out, ExportOptions(seq_len=32))
     assert json.loads((out / "manifest.json").read_text())["valid"] is False
     with pytest.raises(DllmExportError, match=r"manifest.json.*not valid|marked invalid|valid"):

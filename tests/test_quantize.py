@@ -67,7 +67,8 @@ def float_artifact(tiny_dir, tmp_path_factory):
                 checkpoint = make_tiny(
                     family, root / f"ckpt-{family}-{seed}", seed=seed
                 )
-            export_model(checkpoint, made[key], ExportOptions(seq_len=SEQ_LEN, moe=moe))
+            export_model(checkpoint, made[key], ExportOptions(
+                seq_len=SEQ_LEN, moe=moe, target="tensorrt"))  # Q/DQ: TensorRT-clean
         return made[key]
 
     return get
@@ -284,7 +285,8 @@ def test_default_bars_pass_sound_int8_and_stop_one_sample_calibration(tmp_path):
 def cached_float(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cached") / "llada-moe-dense-cached"
     export_model(tiny_dir("llada-moe"), out, ExportOptions(
-        seq_len=SEQ_LEN, moe="dense", cache=True, block_length=8, window=16))
+        seq_len=SEQ_LEN, moe="dense", cache=True, block_length=8, window=16,
+        target="tensorrt"))  # Q/DQ: TensorRT-clean
     return out
 
 

@@ -96,8 +96,11 @@ def prepare_graph(src: Path, dst: Path) -> None:
     """Copy ``src`` (with its weights) to ``dst`` with Gemm rewritten as MatMul."""
     import onnx
 
+    from dllm_export.export.passes import unwrap_unpadded_mask
+
     model = onnx.load(str(src), load_external_data=True)
     gemm_to_matmul(model)
+    unwrap_unpadded_mask(model)  # Q/DQ next to an If aborts ONNX Runtime 1.32
     save_model(model, dst)
 
 

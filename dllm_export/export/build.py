@@ -22,7 +22,9 @@ import hashlib
 import resource
 import shutil
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -215,26 +217,85 @@ def build_engine(artifact_dir, profile: DeviceProfile, out_dir, options: BuildOp
 
 
 def _build_tensorrt(artifact_dir, manifest, plan, out_dir, options, notes, report) -> dict:
-    from dllm_export.export.trt_builder import (
-        BuilderSettings,
-        build_serialized,
-        network_typing,
-        timing_cache_path,
-    )
+    from dllm_export.export.trt_builder import check_supported, network_typing
     from dllm_export.runtime import cuda
     from dllm_export.runtime.backends.tensorrt import import_engine_library
 
     profile, precision = plan.profile, plan.chosen.precision
     trt = import_engine_library(profile.engine_library)
+    check_supported(trt.__version__, profile.engine_library)
     gpu = cuda.gpu_info()
     check_gpu_matches(profile, gpu.compute_capability, gpu.name)
-    typing = network_typing(precision, manifest.get("dtype", "fp32"), trt.__version__,
+    artifact_dtype = manifest.get("dtype", "fp32")
+    typing = network_typing(precision, artifact_dtype, trt.__version__,
                             profile.engine_library)
     if options.weight_streaming and not typing.strongly_typed:
         raise DllmExportError("--weight-streaming needs a strongly typed network: export the "
                               f"artifact with --dtype {precision} first")
+    with typed_graphs(artifact_dir, manifest, typing, out_dir) as (graphs, cast):
+        target = _Target(trt, gpu, typing, graphs, cast)
+        return _build_typed(artifact_dir, manifest, plan, out_dir, options, notes, report,
+                            target)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What the TensorRT build runs with: the library, this GPU, the typing, the graph
+    files to parse (the artifact's or cast copies) and what the cast pass did."""
+
+    trt: object
+    gpu: object
+    typing: object
+    graphs: dict
+    cast: dict | None
+
+
+@contextmanager
+def typed_graphs(artifact_dir: Path, manifest: dict, typing, out_dir: Path):
+    """The graph files TensorRT parses: the artifact's own or, for a cast pass, cast copies in
+    a scratch folder beside ``out_dir`` (removed after the build). Yields (graph key ->
+    path, what the cast pass did or None); the keys are "model" and the cached graphs'."""
+    files = {"model": manifest["graph"]["file"]}
+    for name, spec in ((manifest.get("cache") or {}).get("graphs") or {}).items():
+        files[name] = spec["file"]
+    if typing.cast_to is None:
+        yield {key: artifact_dir / name for key, name in files.items()}, None
+        return
+    from dllm_export.export.trt_cast import cast_graph
+
+    parent = Path(out_dir).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".dllm-cast-", dir=parent))
+    try:
+        paths, done = {}, None
+        for key, name in files.items():
+            paths[key] = scratch / Path(name).name
+            done = cast_graph(artifact_dir / name, paths[key], typing.cast_to)
+        yield paths, done
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _typing_notes(target: _Target, precision: str, artifact_dtype: str) -> dict:
+    typing = target.typing
+    return {"strongly_typed": typing.strongly_typed, "precision_flag": typing.precision_flag,
+            "precision_from": typing.describe(precision, artifact_dtype),
+            "cast_pass": target.cast}
+
+
+def _build_typed(artifact_dir, manifest, plan, out_dir, options, notes, report,
+                 target: _Target) -> dict:
+    from dllm_export.export.trt_builder import (
+        BuilderSettings,
+        build_serialized,
+        timing_cache_path,
+    )
+    from dllm_export.runtime import cuda
+
+    profile, precision = plan.profile, plan.chosen.precision
+    trt, gpu, typing, graphs = target.trt, target.gpu, target.typing, target.graphs
     settings = BuilderSettings(
-        onnx_path=artifact_dir / manifest["graph"]["file"],
+        onnx_path=graphs["model"],
         input_shapes={spec["name"]: spec["shape"] for spec in manifest["inputs"]},
         typing=typing,
         workspace_bytes=profile.build.workspace_bytes,
@@ -251,15 +312,14 @@ def _build_tensorrt(artifact_dir, manifest, plan, out_dir, options, notes, repor
         for name, spec in ((manifest.get("cache") or {}).get("graphs") or {}).items():
             shapes = {tensor["name"]: tensor["shape"] for tensor in spec["inputs"]}
             cached[name] = build_serialized(trt, dataclasses.replace(
-                settings, onnx_path=artifact_dir / spec["file"], input_shapes=shapes), report)
+                settings, onnx_path=graphs[name], input_shapes=shapes), report)
     build = {
         "seconds": round(time.perf_counter() - started, 2),
         "peak_host_bytes": peak_host_bytes(),
         "peak_device_bytes": device_peak.peak,
         "engine_bytes": engine.nbytes,
         "cached_engine_bytes": {name: blob.nbytes for name, blob in cached.items()},
-        "strongly_typed": typing.strongly_typed,
-        "precision_flag": typing.precision_flag,
+        **_typing_notes(target, precision, manifest.get("dtype", "fp32")),
         "workspace_bytes": settings.workspace_bytes,
         "optimization_level": settings.optimization_level,
         "timing_cache": str(settings.timing_cache),

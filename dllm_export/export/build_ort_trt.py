@@ -19,6 +19,13 @@ import numpy as np
 
 from dllm_export.errors import DllmExportError
 from dllm_export.jsonio import atomic_directory, write_json
+from dllm_export.runtime.backends.onnxruntime import (
+    CACHE_PATHS,
+    ORT_TRT_KEY,
+    check_session_providers,
+    provider_list,
+    tensorrt_link_problem,
+)
 
 TRT_EP = "TensorrtExecutionProvider"
 
@@ -32,8 +39,6 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def provider_chain(directory: Path, manifest: dict, plan) -> list:
     """The ONNX Runtime provider list used to build (and later to run) the engine."""
-    from dllm_export.runtime.backends.onnxruntime import provider_list
-
     chain = provider_list("tensorrt", directory, manifest)
     name, options = chain[0]
     precision, profile = plan.chosen.precision, plan.profile
@@ -64,6 +69,9 @@ def build_ort_trt(artifact_dir: Path, manifest: dict, plan, out_dir: Path, optio
             f"onnxruntime {ort.__version__} here has no {TRT_EP} (it offers "
             f"{', '.join(ort.get_available_providers())}): install onnxruntime-gpu and "
             "TensorRT (on a Jetson: the onnxruntime-gpu wheel for your JetPack)")
+    problem = tensorrt_link_problem(ort)  # e.g. a TensorRT 10 provider with TensorRT 11
+    if problem:
+        raise DllmExportError(f"--via ort-trt: {problem}")
     with atomic_directory(out_dir, overwrite=options.overwrite, inputs=(artifact_dir,)) as tmp:
         for child in Path(artifact_dir).iterdir():
             if child.is_file() and child.name != "manifest.json":
@@ -78,7 +86,10 @@ def build_ort_trt(artifact_dir: Path, manifest: dict, plan, out_dir: Path, optio
         try:
             session = ort.InferenceSession(str(tmp / manifest["graph"]["file"]),
                                            session_options, providers=chain)
+            check_session_providers(session, chain, f"{artifact_dir} --via ort-trt")
             session.run(None, _zero_feeds(manifest))  # the EP builds engines on first run
+        except DllmExportError:
+            raise
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
             raise DllmExportError(f"{artifact_dir}: onnxruntime's TensorRT provider could not "
                                   f"build it ({str(err).splitlines()[0]})") from None
@@ -86,9 +97,10 @@ def build_ort_trt(artifact_dir: Path, manifest: dict, plan, out_dir: Path, optio
             raise DllmExportError(f"{artifact_dir}: onnxruntime wrote no TensorRT engine; "
                                   "TensorRT could not take the graph (rerun with "
                                   "ORT_LOG_LEVEL=0 to see why)")
-        recorded = {key: value for key, value in chain[0][1].items() if "cache_path" not in key}
+        recorded = {key: value for key, value in chain[0][1].items() if key not in CACHE_PATHS}
+        recorded.update({key: "ort-trt-cache" for key in CACHE_PATHS})  # relative: it moves
         result = dict(manifest)
-        result["ort_tensorrt"] = {
+        result[ORT_TRT_KEY] = {
             "profile": plan.profile.name,
             "precision": plan.chosen.precision,
             "onnxruntime": ort.__version__,

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from dllm_export import contract, families
 from dllm_export.errors import DllmExportError, check_at_least
+from dllm_export.export.onnx_attention import ATTENTION_FORMS, resolve_attention
 from dllm_export.integrity import record_files
 from dllm_export.jsonio import atomic_directory, check_output, write_json
 
@@ -102,6 +103,9 @@ class ExportOptions:
     target: str = "onnxruntime"  # what --moe auto picks the MoE form for
     block_length: int | None = None  # step rows; default: the sampler's block length
     window: int | None = None  # prefix-cache rows; default: the sampler's gen_length
+    # how attention is lowered (export/onnx_attention.py); auto: by target and opset
+    attention: str = "auto"
+    requested_attention: str | None = None  # what --attention said, before auto was resolved
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -114,6 +118,9 @@ class ExportOptions:
                 "(eager has data-dependent shapes and cannot be exported)")
         if self.target not in TARGETS:
             raise DllmExportError(f"--target {self.target!r}: choose onnxruntime or tensorrt")
+        if self.attention not in ATTENTION_FORMS:
+            raise DllmExportError(f"--attention {self.attention!r}: choose one of "
+                                  f"{', '.join(ATTENTION_FORMS)}")
         check_at_least("--seq-len", self.seq_len, 2)
         check_at_least("--batch", self.batch)
         check_at_least("--moe-block", self.moe_block)
@@ -121,6 +128,7 @@ class ExportOptions:
         if not 18 <= self.opset <= 24:
             raise DllmExportError(
                 f"--opset {self.opset}: the torch.export-based exporter writes opsets 18 to 24")
+        resolve_attention(self.attention, self.target, self.opset)  # refuse bad pairs now
         if self.topk < 2:
             raise DllmExportError("--topk must be at least 2 (margins need the runner-up)")
         for flag, value in (("--block-length", self.block_length), ("--window", self.window)):
@@ -183,11 +191,18 @@ def _trace(module, example: tuple, spec, options: ExportOptions, has_moe: bool):
     exporter's chatter kept off the terminal."""
     import torch
 
-    table = None
+    table = {}
     if has_moe and options.moe == "ort":
         from dllm_export.export.onnx_moe import translation_table
 
-        table = translation_table()
+        table.update(translation_table())
+    fused = contextlib.nullcontext()
+    if options.attention != "decomposed":
+        from dllm_export.export.onnx_attention import translation_table
+        from dllm_export.models.layers import trace_fused_attention
+
+        table.update(translation_table(options.attention, options.opset))
+        fused = trace_fused_attention()
     log = io.StringIO()
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
@@ -197,13 +212,13 @@ def _trace(module, example: tuple, spec, options: ExportOptions, has_moe: bool):
     # nothing a user can act on, so the exporter keeps it at ERROR from here on.
     logging.getLogger("onnx_ir").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
-            warnings.catch_warnings(), torch.no_grad():
+            warnings.catch_warnings(), torch.no_grad(), fused:
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
                 module, example, None, dynamo=True, opset_version=options.opset,
                 input_names=spec.input_names(), output_names=spec.output_names(),
-                custom_translation_table=table, optimize=True, verbose=False,
+                custom_translation_table=table or None, optimize=True, verbose=False,
             )
         except Exception as err:
             raise DllmExportError(
@@ -331,6 +346,7 @@ def _manifest(checkpoint, options, special, tokenizer, model, canvas, defaults, 
         "outputs": options.outputs,
         "shift_logits": entry.shift_logits,
         "moe": moe,
+        "attention": attention_manifest(options),
         "inputs": [asdict(t) for t in canvas.inputs],
         "output_specs": [asdict(t) for t in canvas.outputs],
         "cache": cache,
@@ -341,6 +357,12 @@ def _manifest(checkpoint, options, special, tokenizer, model, canvas, defaults, 
         "quantization": None,
         "valid": False,
     }
+
+
+def attention_manifest(options: ExportOptions) -> dict:
+    """The manifest's ``attention`` block: the form every graph was lowered to."""
+    return {"form": options.attention, "requested": options.requested_attention,
+            "target": options.target}
 
 
 def model_vocab(model) -> int:
@@ -365,7 +387,9 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
     out_dir = Path(out_dir)
     check_output(out_dir, (model_dir,), options.overwrite)  # before anything loads
     checkpoint = open_checkpoint(model_dir)
-    options = dataclasses.replace(options, cache=_needs_cache(checkpoint.family, options))
+    options = dataclasses.replace(
+        options, cache=_needs_cache(checkpoint.family, options), requested_attention=options.attention,
+        attention=resolve_attention(options.attention, options.target, options.opset))
     limit = _max_positions(checkpoint.config)
     if limit and options.seq_len > limit:
         raise DllmExportError(

@@ -3,7 +3,11 @@
 1. ``name_by_module``: nodes become ``<module path>/<op>`` and the weights they consume
    ``<module path>.weight_t`` instead of ``node_linear_3`` / ``val_123``, so quantisation
    exclusions (``*mlp.gate*``, ``*lm_head*``) and reports speak in checkpoint names.
-2. ``strip_torch_metadata``: drop the exporter's per-node stack traces and FX dumps (they
+2. ``skip_unpadded_mask``: in a canvas graph whose attention runs as ONNX Runtime's
+   ``MultiHeadAttention`` with a ``key_padding_mask``, each such node becomes an ``If`` on
+   "no key is padding" (``ReduceMin(attention_mask) > 0``, computed once): then the node
+   runs without the mask (the kernel's unmasked fast path), else exactly as exported.
+3. ``strip_torch_metadata``: drop the exporter's per-node stack traces and FX dumps (they
    carry absolute source paths and outweigh a small graph).
 """
 
@@ -46,13 +50,82 @@ def name_by_module(model) -> None:
             weight.name = new
 
 
+KEY_PADDING_INPUT = 4  # MultiHeadAttention's key_padding_mask
+
+
+def _padding_masked_attention(graph) -> list:
+    return [node for node in graph
+            if node.domain == "com.microsoft" and node.op_type == "MultiHeadAttention"
+            and len(node.inputs) > KEY_PADDING_INPUT
+            and node.inputs[KEY_PADDING_INPUT] is not None]
+
+
+def skip_unpadded_mask(model) -> None:
+    import numpy as np
+    import onnx_ir as ir
+
+    graph = model.graph
+    mask = next((v for v in graph.inputs if v.name == "attention_mask"
+                 and v.shape is not None and len(v.shape) == 2), None)
+    nodes = _padding_masked_attention(graph) if mask is not None else []
+    if not nodes:
+        return
+    zero = ir.Value(name="attention_mask.zero", const_value=ir.tensor(np.array(0, np.int64)))
+    graph.register_initializer(zero)
+    lowest = ir.Node("", "ReduceMin", [mask], [ir.AttrInt64("keepdims", 0)],
+                     name="attention_mask/ReduceMin")
+    unpadded = ir.Node("", "Greater", [lowest.outputs[0], zero], name="attention_mask/Greater")
+    unpadded.outputs[0].name = "attention_mask.unpadded"
+    graph.insert_before(nodes[0], [lowest, unpadded])
+    for node in nodes:
+        out = node.outputs[0]
+        plain = ir.Node(node.domain, node.op_type, node.inputs[:3], node.attributes.values(),
+                        name=f"{node.name}_unmasked")
+        plain.outputs[0].name = f"{out.name}_unmasked"
+        branch = ir.Node("", "If", [unpadded.outputs[0]], name=f"{node.name}_if", num_outputs=1)
+        for value in (plain.outputs[0], branch.outputs[0]):
+            value.shape, value.type = out.shape, out.type
+        result = branch.outputs[0]
+        ir.convenience.replace_all_uses_with(out, result)
+        name = out.name
+        out.name = f"{name}_masked"
+        result.name = name
+        graph.insert_before(node, branch)
+        graph.remove(node)
+        branch.attributes["then_branch"] = ir.AttrGraph(
+            "then_branch", ir.Graph([], [plain.outputs[0]], nodes=[plain], name="unpadded"))
+        branch.attributes["else_branch"] = ir.AttrGraph(
+            "else_branch", ir.Graph([], [out], nodes=[node], name="padded"))
+
+
+def unwrap_unpadded_mask(model) -> None:
+    """Undo ``skip_unpadded_mask`` on an ``onnx.ModelProto``: each ``If`` becomes its masked
+    branch (exact for every canvas). For quantisers: ONNX Runtime 1.32's
+    QDQPropagationTransformer aborts the process on a DequantizeLinear whose value reaches
+    an If body (an implicit input), so Q/DQ graphs keep attention outside control flow."""
+    graph = model.graph
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "If" and node.name.endswith("_if"):
+            (masked,) = next(a.g for a in node.attribute if a.name == "else_branch").node
+            masked.output[0] = node.output[0]
+            nodes.append(masked)
+        elif node.name not in ("attention_mask/ReduceMin", "attention_mask/Greater"):
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [i for i in graph.initializer if i.name != "attention_mask.zero"]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
 def strip_torch_metadata(model) -> None:
-    for node in model.graph:
+    for node in model.graph.all_nodes():
         for key in [k for k in node.metadata_props if k.startswith("pkg.torch") or k == "namespace"]:
             del node.metadata_props[key]
 
 
-PASSES = (name_by_module, strip_torch_metadata)
+PASSES = (name_by_module, skip_unpadded_mask, strip_torch_metadata)
 
 
 def run_passes(model) -> None:

@@ -1,5 +1,6 @@
-"""TensorRT's builder, driven through its documented Python API (TensorRT 10.x, and 11.x
-where every network is strongly typed; ``tensorrt_rtx`` exposes the same calls).
+"""TensorRT's builder, driven through its documented Python API: TensorRT 10.8 to 11.x
+(11.x networks are always strongly typed and have no FP16/BF16 flags; ``tensorrt_rtx``
+exposes the same calls and is strongly typed too).
 
 One fixed-shape optimisation profile (min = opt = max = the artifact's shapes), the device
 profile's workspace limit and optimisation level, a timing cache kept per GPU and TensorRT
@@ -16,33 +17,67 @@ from pathlib import Path
 from dllm_export.errors import DllmExportError
 from dllm_export.precision import FLOAT_PRECISIONS
 
+SUPPORTED = ((10, 8), (11, 99))  # (major, minor) range of TensorRT this builder is written for
+
 
 @dataclass(frozen=True)
 class NetworkTyping:
-    """How precision reaches TensorRT: from the graph's own types (strongly typed), or
-    from a builder flag that lets it lower an fp32 graph ("FP16" / "BF16")."""
+    """How precision reaches TensorRT: from the graph's own types (strongly typed), from a
+    builder flag that lets TensorRT 10 lower an fp32 graph ("FP16" / "BF16"), or from a
+    cast copy of the fp32 graph (``cast_to``) where the library is strongly typed only.
+    ``creation_flag``: set ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (TensorRT 10; in
+    11.x and TensorRT for RTX it is deprecated and ignored, networks always being typed)."""
 
     strongly_typed: bool
     precision_flag: str | None = None
+    cast_to: str | None = None
+    creation_flag: bool = False
+
+    def describe(self, precision: str, artifact_dtype: str) -> str:
+        """Which of the three it is, in words (printed by build, kept in the manifest)."""
+        if self.precision_flag:
+            return f"builder flag {self.precision_flag} on the {artifact_dtype} graph"
+        if self.cast_to:
+            return (f"cast pass {artifact_dtype} -> {self.cast_to} (fp32 kept for norms, "
+                    "softmax, router, decode head)")
+        return f"graph ({artifact_dtype} artifact built as {precision})"
+
+
+def tensorrt_major(tensorrt_version: str) -> int:
+    return int(str(tensorrt_version).split(".")[0])
+
+
+def check_supported(tensorrt_version: str, library: str) -> None:
+    """Refuse a TensorRT release outside 10.8 - 11.x in one line (TensorRT for RTX: any)."""
+    if library != "tensorrt":
+        return
+    parts = [int(p) for p in re.findall(r"\d+", str(tensorrt_version))[:2]] + [0]
+    if not SUPPORTED[0] <= (parts[0], parts[1]) <= SUPPORTED[1]:
+        raise DllmExportError(
+            f"TensorRT {tensorrt_version} is outside the supported 10.8 to 11.x: install "
+            "one of those (pip install 'tensorrt-cu12>=10.8,<12')")
 
 
 def network_typing(precision: str, artifact_dtype: str, tensorrt_version: str,
                    library: str) -> NetworkTyping:
-    """Choose strong typing or a precision flag for this artifact and TensorRT.
+    """Choose strong typing, a precision flag or a cast pass for this artifact and TensorRT.
 
     Q/DQ artifacts (int8, fp8, int4, fp4) and graphs already in the engine's float type are
-    strongly typed. An fp32 graph built in fp16/bf16 needs TensorRT 10's weak typing: TensorRT
-    11 and TensorRT for RTX removed the precision flags, so there the graph must carry the type.
+    strongly typed. An fp32 graph built in fp16/bf16 uses TensorRT 10's weak typing (the
+    flag); TensorRT 11 and TensorRT for RTX removed the flags, so there the graph is cast
+    (``trt_cast.cast_graph``). A 16-bit graph is not recast to the other 16-bit type.
     """
+    always_typed = library != "tensorrt" or tensorrt_major(tensorrt_version) >= 11
     if precision not in FLOAT_PRECISIONS or precision == artifact_dtype:
-        return NetworkTyping(strongly_typed=True)
-    major = int(tensorrt_version.split(".")[0])
-    if artifact_dtype == "fp32" and library == "tensorrt" and major < 11:
-        return NetworkTyping(strongly_typed=False, precision_flag=precision.upper())
+        return NetworkTyping(strongly_typed=True, creation_flag=not always_typed)
+    if artifact_dtype == "fp32" and precision in ("fp16", "bf16"):
+        if not always_typed:
+            return NetworkTyping(strongly_typed=False, precision_flag=precision.upper())
+        return NetworkTyping(strongly_typed=True, cast_to=precision)
     raise DllmExportError(
-        f"{library} {tensorrt_version} builds strongly typed networks only, so the precision "
-        f"comes from the graph: this artifact is {artifact_dtype}; export it again with "
-        f"--dtype {precision} (or build it as {artifact_dtype} with --precision {artifact_dtype})")
+        f"this artifact is {artifact_dtype} and {library} {tensorrt_version} builds the types "
+        f"the graph carries: export it again with --dtype {precision} (or from fp32), or build "
+        f"it as {artifact_dtype} with --precision {artifact_dtype}")
 
 
 def timing_cache_path(gpu_name: str, compute_capability: str, tensorrt_version: str,
@@ -95,8 +130,7 @@ def progress_monitor(trt, report):
 
 def _parse(trt, builder, settings: BuilderSettings, logger):
     flags = 0
-    if settings.typing.strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag,
-                                                  "STRONGLY_TYPED"):
+    if settings.typing.creation_flag:  # TensorRT 10; 11.x is always strongly typed
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -116,7 +150,12 @@ def _configure(trt, builder, network, settings: BuilderSettings):
     if hasattr(config, "builder_optimization_level"):
         config.builder_optimization_level = settings.optimization_level
     if settings.typing.precision_flag:
-        config.set_flag(getattr(trt.BuilderFlag, settings.typing.precision_flag))
+        flag = getattr(trt.BuilderFlag, settings.typing.precision_flag, None)
+        if flag is None:  # TensorRT 11 removed the precision flags
+            raise DllmExportError(
+                f"TensorRT {trt.__version__} has no BuilderFlag.{settings.typing.precision_flag}"
+                "; its networks take their precision from the graph (build casts it)")
+        config.set_flag(flag)
     if settings.weight_streaming:
         config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
     if settings.refittable:

@@ -143,6 +143,16 @@ def _node_rules(node, graph: _Graph) -> list[str]:
     return reasons
 
 
+def _all_nodes(graph):
+    """Every node, including those of If / Loop / Scan bodies (the parser reads those too)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                         attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else []):
+                yield from _all_nodes(body)
+
+
 def check_trt(onnx_path: str | Path) -> list[Finding]:
     """Every node TensorRT's ONNX parser would reject or restrict, with the reason."""
     onnx_path = Path(onnx_path)
@@ -158,7 +168,7 @@ def check_trt(onnx_path: str | Path) -> list[Finding]:
         if opset.domain in ("", "ai.onnx") and not OPSET_RANGE[0] <= opset.version <= OPSET_RANGE[1]:
             findings.append(Finding("error", "<model>", "opset",
                                     f"opset {opset.version} is outside TensorRT's {OPSET_RANGE}"))
-    for index, node in enumerate(model.graph.node):
+    for index, node in enumerate(_all_nodes(model.graph)):
         name = node.name or f"#{index}"
         if node.domain not in ("", "ai.onnx"):
             findings.append(Finding("error", name, f"{node.domain}::{node.op_type}",

@@ -13,6 +13,9 @@ cached key is never rotated again.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -117,12 +120,7 @@ def attention_bias(visible, attention_mask, dtype: torch.dtype):
     return torch.where(visible.to(torch.bool)[:, None], zero, torch.finfo(dtype).min)
 
 
-def attention(q, k, v, bias):
-    """Scaled dot-product attention with grouped key/value heads under an additive bias.
-
-    q: [B, H, Lq, Dh]; k, v: [B, Hkv, K, Dh]; bias: [B, 1, 1 or Lq, K] or None (all
-    visible). Returns [B, Lq, H*Dh].
-    """
+def _sdpa(q, k, v, bias):
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
@@ -130,6 +128,45 @@ def attention(q, k, v, bias):
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=False)
     batch, heads, length, head_dim = out.shape
     return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+@torch.library.custom_op("dllm_export::attention", mutates_args=())
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    bias: torch.Tensor | None, key_padding: bool) -> torch.Tensor:
+    """``attention`` as one op, so that the exporter lowers it to the target's fused
+    attention (export/onnx_attention.py). ``key_padding``: ``bias`` is a key-padding bias
+    ``[B, 1, 1, K]`` (0 or the dtype's minimum), which the lowering may pass as a mask."""
+    return _sdpa(q, k, v, bias)
+
+
+@fused_attention.register_fake
+def _(q, k, v, bias, key_padding):
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1] * v.shape[3])
+
+
+_TRACE_FUSED = contextvars.ContextVar("trace_fused_attention", default=False)
+
+
+@contextlib.contextmanager
+def trace_fused_attention():
+    """While tracing for export, ``attention`` calls ``dllm_export::attention`` instead of
+    the decomposable ``scaled_dot_product_attention`` (eager runs are not affected)."""
+    token = _TRACE_FUSED.set(True)
+    try:
+        yield
+    finally:
+        _TRACE_FUSED.reset(token)
+
+
+def attention(q, k, v, bias):
+    """Scaled dot-product attention with grouped key/value heads under an additive bias.
+
+    q: [B, H, Lq, Dh]; k, v: [B, Hkv, K, Dh]; bias: [B, 1, 1 or Lq, K] or None (all
+    visible). Returns [B, Lq, H*Dh].
+    """
+    if _TRACE_FUSED.get():
+        return fused_attention(q, k, v, bias, bias is not None and bias.shape[2] == 1)
+    return _sdpa(q, k, v, bias)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -58,13 +58,3 @@ def open_backend(directory: Path, provider: str = "cpu", threads: int | None = N
     raise DllmExportError(
         f"{directory / 'manifest.json'}: kind {kind!r} is not one this runtime opens "
         f"({', '.join(KINDS)})")
-
-
-def tensorrt_provider_options(directory: Path, manifest: dict) -> dict:
-    """ONNX Runtime TensorRT-EP options recorded by ``build --via ort-trt``, with the cache
-    folders made absolute (the EP resolves relative paths against the working directory)."""
-    options = dict((manifest.get("execution_provider") or {}).get("options") or {})
-    for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
-        if key in options:
-            options[key] = str((Path(directory) / options[key]).resolve())
-    return options

@@ -1,8 +1,10 @@
-"""The few CUDA runtime calls the TensorRT build and backend need, through cuda-python.
+"""The few CUDA runtime calls the TensorRT build and backend need, through cuda-bindings.
 
-No torch: ``cuda-python`` (``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.8) is
-imported on first use. Every call returns ``(error, values...)``; ``call`` turns a failure
-into a ``DllmExportError`` that names the call.
+No torch: ``cuda.bindings.runtime`` (cuda-bindings 12.x and 13.x, also what cuda-python
+12.6.1 and later install) is imported on first use; the older ``cuda.cudart`` module is gone
+in 13.0 and is not used. Every call returns ``(error, values...)``; ``call`` turns a failure
+into a ``DllmExportError`` that names the call. Handles (``cudaStream_t``, ...) are wrapper
+objects: ``handle`` gives the integer value TensorRT's ``execute_async_v3`` takes.
 """
 
 from __future__ import annotations
@@ -18,19 +20,17 @@ from dllm_export.errors import DllmExportError
 def cudart():
     try:
         from cuda.bindings import runtime
-    except ImportError:
-        try:
-            from cuda import cudart as runtime
-        except ImportError:
-            raise DllmExportError(
-                "cuda-python is not installed (the TensorRT path uses it for device memory "
-                "and streams): pip install cuda-python"
-            ) from None
+    except ImportError as err:
+        raise DllmExportError(
+            f"cuda-bindings is not installed (import cuda.bindings.runtime failed: {err}); "
+            "the TensorRT path uses it for device memory and streams: pip install "
+            "cuda-bindings (12.x for a CUDA 12 driver, 13.x for CUDA 13)"
+        ) from None
     return runtime
 
 
 def call(result, what: str):
-    """Unpack a cuda-python result tuple, raising on a CUDA error."""
+    """Unpack a cuda-bindings result tuple, raising on a CUDA error."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
         _, name = cudart().cudaGetErrorName(err)
@@ -41,8 +41,20 @@ def call(result, what: str):
 
 
 def handle(obj) -> int:
-    """The integer value of a cuda-python handle (stream, pointer)."""
-    return int(obj) if not hasattr(obj, "getPtr") else int(obj.getPtr())
+    """The integer value of a handle (``cudaStream_t``, ``CUstream``, a device pointer).
+
+    Not ``obj.getPtr()``: that is the address of the wrapper's own storage, not the stream.
+    cuda-bindings documents ``int(obj)`` and ``cuda.bindings.utils.get_cuda_native_handle``."""
+    if isinstance(obj, int):
+        return obj
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(obj)
+    try:
+        return int(get_cuda_native_handle(obj))
+    except TypeError:  # a type it does not register (a plain pointer wrapper): its value
+        return int(obj)
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,7 @@ class Backend:
         only the drafts that passed): ``write=(first_row, first_slot, count)``."""
         raise DllmExportError(
             f"the {self.name} backend cannot keep rows after a call; draft-and-verify "
-            "decoding runs on ONNX Runtime or PyTorch")
+            "decoding runs on ONNX Runtime, TensorRT or PyTorch")
 
     def _run_prefill(self, input_ids, position_ids, attention_mask) -> Prediction:
         self._no_cache()

@@ -10,6 +10,8 @@ land in preallocated arrays; a commit copies only its rows into the cache.
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +30,84 @@ NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64,
                 "bool": np.bool_}
 
 
+# The manifest key under which ``build --via ort-trt`` records the TensorRT provider's
+# options; provider_list reads it back so a run uses the options its engine cache was
+# built with (the EP rebuilds, or misses, its cache when they differ).
+ORT_TRT_KEY = "ort_tensorrt"
+CACHE_PATHS = ("trt_engine_cache_path", "trt_timing_cache_path")
+
+
+def recorded_tensorrt_options(directory: Path, manifest: dict) -> dict:
+    """The TensorRT-EP options ``build --via ort-trt`` recorded, with the cache folders made
+    absolute (the EP resolves relative paths against the working directory)."""
+    options = dict((manifest.get(ORT_TRT_KEY) or {}).get("options") or {})
+    for key in CACHE_PATHS:
+        if key in options:
+            options[key] = str((Path(directory) / options[key]).resolve())
+    return options
+
+
+def linked_tensorrt_major(provider_library: Path) -> int | None:
+    """The TensorRT major the ONNX Runtime TensorRT provider library links (the soname
+    ``libnvinfer.so.N`` / ``nvinfer_N.dll`` in its dynamic section)."""
+    found = re.findall(rb"libnvinfer\.so\.(\d+)|nvinfer_(\d+)\.dll",
+                       Path(provider_library).read_bytes())
+    majors = {int(a or b) for a, b in found}
+    return max(majors) if majors else None
+
+
+def installed_tensorrt() -> str | None:
+    """The TensorRT version pip installed here (without importing it), or None."""
+    from importlib import metadata
+
+    for name in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-libs",
+                 "tensorrt-cu13-libs", "tensorrt-cu12-libs"):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _can_load(soname: str) -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL(soname)
+    except OSError:
+        return False
+    return True
+
+
+def tensorrt_link_problem(ort, installed=installed_tensorrt, can_load=_can_load) -> str | None:
+    """Why ONNX Runtime's TensorRT provider cannot load here, in one line, or None.
+
+    The PyPI onnxruntime-gpu wheels link one TensorRT major (1.31: ``libnvinfer.so.10``);
+    with another major installed (``pip install tensorrt`` gives 11.x) the provider library
+    fails to load and ONNX Runtime would quietly run on the next provider."""
+    capi = Path(ort.__file__).parent / "capi"
+    libraries = [*capi.glob("libonnxruntime_providers_tensorrt.so"),
+                 *capi.glob("onnxruntime_providers_tensorrt.dll")]
+    if not libraries:
+        return (f"onnxruntime {ort.__version__} here has no TensorRT provider library in "
+                f"{capi}; install onnxruntime-gpu")
+    major = linked_tensorrt_major(libraries[0])
+    if major is None or can_load(f"libnvinfer.so.{major}") or can_load(f"nvinfer_{major}.dll"):
+        return None
+    have = installed()
+    found = f"this machine has TensorRT {have}" if have else \
+        f"no TensorRT {major}.x library is installed or on the library path"
+    return (f"onnxruntime {ort.__version__}'s TensorRT provider links libnvinfer.so.{major} "
+            f"(TensorRT {major}.x) and {found}, so it cannot load: use --via tensorrt "
+            f"(TensorRT's own builder), or install TensorRT {major}.x "
+            f"(pip install 'tensorrt-cu12>={major},<{major + 1}') with its libraries on "
+            "LD_LIBRARY_PATH")
+
+
 def provider_list(provider: str, directory: Path, manifest: dict) -> list:
     """The provider chain for ``provider``, with the TensorRT EP's engine cache in the
-    artifact directory (engines are specific to the GPU and TensorRT version)."""
+    artifact directory (engines are specific to the GPU and TensorRT version) and the
+    options ``build --via ort-trt`` recorded."""
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
@@ -43,28 +120,53 @@ def provider_list(provider: str, directory: Path, manifest: dict) -> list:
         )
     chain: list = []
     if provider == "tensorrt":
+        problem = tensorrt_link_problem(ort)
+        if problem:
+            raise DllmExportError(problem)
         cache = directory / "ort-trt-cache"
-        chain.append((PROVIDERS["tensorrt"], {
+        options = {
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(cache),
             "trt_timing_cache_enable": True,
             "trt_timing_cache_path": str(cache),
             "trt_fp16_enable": manifest.get("dtype") == "fp16",
             "trt_bf16_enable": manifest.get("dtype") == "bf16",
-        }))
+        }
+        options.update(recorded_tensorrt_options(directory, manifest))
+        chain.append((PROVIDERS["tensorrt"], options))
     if provider in ("tensorrt", "cuda"):
         chain.append(PROVIDERS["cuda"])
     chain.append(PROVIDERS["cpu"])
     return chain
 
 
+def check_session_providers(session, chain: list, what: str, fallback: bool = False):
+    """Refuse a session that dropped a provider it was asked for (ONNX Runtime lists a GPU
+    provider as available and then quietly runs on the next one when its libraries do not
+    load). Returns None, or with ``fallback`` the one line saying what it fell back to."""
+    wanted = [entry[0] if isinstance(entry, tuple) else entry for entry in chain]
+    got = list(session.get_providers())
+    missing = [name for name in wanted if name not in got]
+    if not missing:
+        return None
+    line = (f"{what}: onnxruntime created the session on {', '.join(got)}, without "
+            f"{', '.join(missing)} that was asked for (its libraries did not load: CUDA, "
+            "cuDNN or TensorRT missing or of another major version)")
+    if not fallback:
+        raise DllmExportError(f"{line}; fix the install, or allow the fallback explicitly "
+                              "(OrtBackend(..., fallback=True))")
+    return f"{line}; running on {got[0]} as allowed"
+
+
 class OrtBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, directory: Path, manifest: dict, provider: str = "cpu",
-                 threads: int | None = None, logits: bool = False):
+                 threads: int | None = None, logits: bool = False, fallback: bool = False):
         """``logits=True`` loads the graph variant that also outputs full logits (for eval,
-        calibration and CFG on decode-head artifacts)."""
+        calibration and CFG on decode-head artifacts). ``fallback=True`` lets a session
+        that lost a GPU provider run on what it got, saying so on stderr (``fell_back``);
+        otherwise that is refused."""
 
         directory = Path(directory)
         check_at_least("--threads", threads, 1, 1024)
@@ -80,6 +182,7 @@ class OrtBackend(Backend):
             raise DllmExportError(f"{graph}: graph file named in manifest.json is missing")
         self.directory, self.manifest = directory, manifest
         self.threads, self.provider_name = threads, provider
+        self.fallback, self.fell_back = fallback, None
         self.session = self._open(graph)
         self.provider = provider
         self.outputs = manifest.get("outputs", "decode")
@@ -126,14 +229,17 @@ class OrtBackend(Backend):
         if self.threads:
             options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
+        chain = provider_list(self.provider_name, self.directory, self.manifest)
         try:
-            return ort.InferenceSession(
-                str(graph), options,
-                providers=provider_list(self.provider_name, self.directory, self.manifest))
-        except DllmExportError:
-            raise
+            session = ort.InferenceSession(str(graph), options, providers=chain)
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
             raise DllmExportError(f"{graph}: onnxruntime cannot load it ({err})") from None
+        note = check_session_providers(session, chain, f"{graph} --provider "
+                                       f"{self.provider_name}", self.fallback)
+        if note:
+            self.fell_back = note
+            print(note, file=sys.stderr, flush=True)
+        return session
 
     def _feeds(self, input_ids, attention_mask):
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64)}

@@ -1,7 +1,7 @@
 """The TensorRT backend: an engine directory from ``dllm-export build`` on its GPU.
 
-No torch. TensorRT (``tensorrt`` or ``tensorrt_rtx``, as the manifest says) and cuda-python
-are imported when a backend is created. Every I/O tensor lives in device memory for the
+No torch. TensorRT (``tensorrt`` or ``tensorrt_rtx``, as the manifest says; 10.x or 11.x)
+and cuda-bindings are imported when a backend is created. Every I/O tensor lives in device memory for the
 backend's lifetime; a step uploads the canvas (and the attention mask only when it changed),
 runs the engine (replaying a CUDA graph captured on the first step where TensorRT allows it)
 and downloads only the decode head's outputs: ``[B, L, 2K + S + 1]`` numbers, not ``[B, L, V]``.
@@ -97,9 +97,38 @@ def check_engine_compatibility(manifest: dict, running: RunningStack, directory:
     )
 
 
+# TensorRT DataType name -> numpy type of the host copy. bfloat16 and fp8 (e4m3, TensorRT's
+# only fp8) come from ml_dtypes, which trt.nptype does not know; int4 and fp4 pack two
+# values per byte, which no numpy type holds.
+NUMPY_TYPES = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32",
+               "INT64": "int64", "BOOL": "bool", "UINT8": "uint8", "BF16": "bfloat16",
+               "FP8": "float8_e4m3fn", "E8M0": "float8_e8m0fnu"}
+
+
+def numpy_dtype(trt_dtype, tensor: str, path: Path) -> np.dtype:
+    """The numpy type of an engine I/O tensor of TensorRT type ``trt_dtype``."""
+    name = getattr(trt_dtype, "name", str(trt_dtype)).rsplit(".", 1)[-1]
+    if name not in NUMPY_TYPES:
+        raise DllmExportError(
+            f"{path}: I/O tensor {tensor!r} is {name}, a packed sub-byte type the runtime "
+            "cannot hold on the host; keep the graph's inputs and outputs in 8 bits or more")
+    if name in ("BF16", "FP8", "E8M0"):
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise DllmExportError(f"{path}: I/O tensor {tensor!r} is {name}; its numpy type "
+                                  "comes from ml_dtypes: pip install ml_dtypes") from None
+        return np.dtype(getattr(ml_dtypes, NUMPY_TYPES[name]))
+    return np.dtype(NUMPY_TYPES[name])
+
+
 class _EngineIO:
     """A deserialised engine, its execution context and one device buffer per I/O tensor
-    (those in ``bound`` are shared buffers, such as the key/value cache)."""
+    (those in ``bound`` are shared buffers, such as the key/value cache).
+
+    A dimension TensorRT reports as -1 (dynamic in the graph) is fixed from the engine's one
+    optimisation profile (min = opt = max) with ``set_input_shape``; output shapes are then
+    read from the context, where they are concrete."""
 
     def __init__(self, trt, runtime, path: Path, bound: dict, budget=None):
         from dllm_export.runtime import cuda
@@ -111,11 +140,24 @@ class _EngineIO:
         if budget is not None:  # the part of the weights kept on the device
             self.engine.weight_streaming_budget_v2 = int(budget)
         self.context = self.engine.create_execution_context()
-        self.host, self.buffers, self.owned = {}, {}, []
-        for index in range(self.engine.num_io_tensors):
-            name = self.engine.get_tensor_name(index)
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names
+                  if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        for name in inputs:
             shape = tuple(self.engine.get_tensor_shape(name))
-            self.host[name] = np.zeros(shape, np.dtype(trt.nptype(self.engine.get_tensor_dtype(name))))
+            if -1 in shape:
+                shape = tuple(self.engine.get_tensor_profile_shape(name, 0)[1])
+                if not self.context.set_input_shape(name, shape):
+                    raise DllmExportError(f"{path}: TensorRT refused input {name!r} of shape "
+                                          f"{list(shape)}; rebuild the engine")
+        self.host, self.buffers, self.owned = {}, {}, []
+        for name in names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            if -1 in shape:
+                raise DllmExportError(f"{path}: tensor {name!r} still has a dynamic shape "
+                                      f"{list(shape)} once the inputs are set; rebuild it")
+            dtype = numpy_dtype(self.engine.get_tensor_dtype(name), name, path)
+            self.host[name] = np.zeros(shape, dtype)
             if name in bound:
                 self.buffers[name] = bound[name]
             else:
@@ -209,8 +251,13 @@ class TensorRTBackend(Backend):
                                   "(exported with --outputs logits); use an artifact exported "
                                   "with --outputs decode")
         out = self._forward(input_ids, attention_mask, DECODE_OUTPUTS)
-        return Prediction(out["topk_ids"].astype(np.int64), out["topk_logprobs"],
-                          out["neg_entropy"], out["special_logprobs"], self.special_ids)
+        return self._prediction(out)
+
+    def _prediction(self, out: dict) -> Prediction:
+        """The decode head's outputs as the samplers take them (an engine may emit them in
+        16 or 8 bits): int64 ids, float32 scores."""
+        scores = (out[name].astype(np.float32) for name in DECODE_OUTPUTS[1:])
+        return Prediction(out["topk_ids"].astype(np.int64), *scores, self.special_ids)
 
     def _run_logits(self, input_ids, attention_mask) -> np.ndarray:
         if "logits" not in self.host:
@@ -232,9 +279,7 @@ class TensorRTBackend(Backend):
         for name in DECODE_OUTPUTS:
             self.stream.download(io.host[name], io.buffers[name])
         self.stream.synchronize()
-        out = {name: io.host[name].copy() for name in DECODE_OUTPUTS}
-        return Prediction(out["topk_ids"].astype(np.int64), out["topk_logprobs"],
-                          out["neg_entropy"], out["special_logprobs"], self.special_ids)
+        return self._prediction({name: io.host[name].copy() for name in DECODE_OUTPUTS})
 
     def _run_prefill(self, input_ids, position_ids, attention_mask) -> Prediction:
         io, _ = self.cached["prefill"]
@@ -244,17 +289,24 @@ class TensorRTBackend(Backend):
         rows = input_ids.shape[1]
         io, spec = self.cached[self._graph_for(rows)]
         pred = self._cached_call(io, input_ids, position_ids, attention_mask)
+        self._last_call = (io, spec, rows)  # its present buffers hold until the next call
         if write is not None:
-            row, slot, count = write
-            for key, cache in self.cache.items():
-                present = io.host["present_" + key]
-                batch, heads, _, head_dim = present.shape
-                item = head_dim * present.itemsize  # one slot of one head, in bytes
-                self.stream.copy_rows(cache, slot * item, spec.capacity * item,
-                                      io.buffers["present_" + key], row * item, rows * item,
-                                      count * item, batch * heads)
-            self.stream.synchronize()
+            self.commit(write)
         return pred
+
+    def commit(self, write) -> None:
+        """Copy rows of the last cached call's presents into their cache slots, on the
+        device (one strided 2-D copy per layer and kind)."""
+        io, spec, rows = self._last_call
+        row, slot, count = write
+        for key, cache in self.cache.items():
+            present = io.host["present_" + key]
+            batch, heads, _, width = present.shape
+            item = width * present.itemsize  # one slot of one head, in bytes
+            self.stream.copy_rows(cache, slot * item, spec.capacity * item,
+                                  io.buffers["present_" + key], row * item, rows * item,
+                                  count * item, batch * heads)
+        self.stream.synchronize()
 
     def close(self) -> None:
         if getattr(self, "stream", None) is not None:
