@@ -266,6 +266,12 @@ def export(model_dir, out_dir, seq_len, batch, dtype, moe, target, attention, mo
     """Export a checkpoint to a validated ONNX artifact."""
     from dllm_export.export.onnx import ExportOptions, export_model
 
+    if _family_of(model_dir) == "diffusion-gemma":  # its own graphs: export/diffusion_gemma.py
+        from dllm_export.export.diffusion_gemma import export_cli
+
+        export_cli(model_dir, out_dir, seq_len, batch, dtype, moe, opset)
+        return
+
     options = ExportOptions(seq_len=seq_len, batch=batch, dtype=dtype, moe=moe, moe_block=moe_block,
                             outputs=outputs, topk=topk, opset=opset, validate=not no_validate,
                             overwrite=overwrite, cache=cache, block_length=block_length,
@@ -273,6 +279,17 @@ def export(model_dir, out_dir, seq_len, batch, dtype, moe, target, attention, mo
     with _StageProgress() as progress:
         manifest = export_model(model_dir, out_dir, options, report=progress)
     _print_export_summary(out_dir, manifest)
+
+
+def _family_of(model_dir) -> str | None:
+    from pathlib import Path
+
+    from dllm_export.checkpoint import read_config
+
+    try:
+        return read_config(Path(model_dir))[1]
+    except DllmExportError:
+        return None  # export_model says what is wrong with the directory
 
 
 def _print_export_summary(out_dir, manifest):

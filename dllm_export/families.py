@@ -196,6 +196,71 @@ def _zaya_shape(config: dict, path) -> ModelShape:
     )
 
 
+def _diffusion_gemma_shape(config: dict, path) -> ModelShape:
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        raise DllmExportError(f"{path}: field 'text_config' is missing (needed for "
+                              "DiffusionGemma)")
+    names = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts",
+             "top_k_experts", "moe_intermediate_size")
+    for name in names:
+        value = text.get(name)
+        if value is None:
+            raise DllmExportError(f"{path}: field 'text_config.{name}' is missing (needed for "
+                                  "DiffusionGemma)")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DllmExportError(f"{path}: field 'text_config.{name}' = {value!r} must be "
+                                  "an integer of at least 1")
+    layers, hidden, heads = (text["num_hidden_layers"], text["hidden_size"],
+                             text["num_attention_heads"])
+    kinds = text.get("layer_types") or [
+        "sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)]
+    if not isinstance(kinds, list) or len(kinds) != layers:
+        raise DllmExportError(f"{path}: field 'text_config.layer_types' must list one type "
+                              f"per layer ({layers})")
+    overrides = text.get("per_layer_config") or {}
+    shared_kv = text.get("attention_k_eq_v", True)
+    # per layer (head_dim, key/value heads, projections k and v or k alone)
+    per_layer = []
+    for index, kind in enumerate(kinds):
+        own = overrides.get(str(index)) or overrides.get(f"{index:02d}") or {}
+        if kind == "full_attention" and not overrides:
+            own = {"head_dim": 512}
+        head_dim = own.get("head_dim", text["head_dim"])
+        kv_heads = own.get("num_key_value_heads", text["num_key_value_heads"])
+        per_layer.append((head_dim, kv_heads, 1 if shared_kv and kind == "full_attention" else 2))
+    head_dim = max(d for d, _, _ in per_layer)
+    kv_width = max(d * kv for d, kv, _ in per_layer)
+    experts, inner = text["num_experts"], text["intermediate_size"]
+    return ModelShape(
+        family="diffusion-gemma",
+        layers=layers,
+        hidden=hidden,
+        # the largest layer's widths (activations, attention FLOPs and the cache per token
+        # are bounded by them); the projections are counted exactly in attention_total
+        heads=heads,
+        kv_heads=-(-kv_width // head_dim),
+        head_dim=head_dim,
+        vocab=text["vocab_size"],
+        tied_embeddings=True,
+        dense_layers=0,
+        dense_intermediate=0,
+        moe_layers=layers,
+        experts=experts,
+        experts_per_token=text["top_k_experts"],
+        expert_intermediate=text["moe_intermediate_size"],
+        shared_intermediate=inner,  # the dense MLP every token passes besides the experts
+        # 7 norms, the router's input scale and per-expert scale (the router matrix is
+        # ModelShape's hidden x experts)
+        attention_extra=6 * hidden + experts,
+        # q/k norms (their widths differ per layer type); the decoder's self-conditioning
+        # MLP and its norm
+        extra_parameters=sum(2 * d for d, _, _ in per_layer) + hidden + 3 * hidden * inner,
+        attention_total=sum(hidden * (2 * heads * d + n * kv * d) for d, kv, n in per_layer),
+    )
+
+
 LLADA2_TYPES = ("llada2_moe", "llada2_moe_veomni", "llada21_moe", "llada21_moe_veomni")
 
 
@@ -252,6 +317,17 @@ REGISTRY: dict[str, Family] = {
                                         "num_experts_per_tok", "router_hidden_size",
                                         "cca_time0", "cca_time1"), (int, 1)),
                        "tie_word_embeddings": (bool,)}),
+        # DiffusionGemma (transformers' DiffusionGemmaForBlockDiffusion): a causal encoder
+        # writes the prompt's cache, a bidirectional decoder denoises a canvas over it, a
+        # causal commit pass writes the accepted canvas; its own entropy-bound sampler
+        # (not yet in the runtime: sampler holds transformers' generation defaults).
+        Family("diffusion-gemma", "diffusion_gemma",
+               lambda c: c.get("model_type") == "diffusion_gemma", _diffusion_gemma_shape,
+               dict(algorithm="diffusion_gemma", gen_length=256, steps=48, block_length=256),
+               attention="causal", cache_modes=("block",), cached_graphs=(),
+               notes={"generation": {"max_denoising_steps": 48, "t_min": 0.4, "t_max": 0.8,
+                                     "entropy_bound": 0.1, "stability_threshold": 1,
+                                     "confidence_threshold": 0.005}}),
         Family("dream", "dream",
                lambda c: isinstance(c.get("model_type"), str) and c["model_type"].lower() == "dream",
                _dream_shape, dict(algorithm="dream", gen_length=128, steps=128, alg="entropy"),

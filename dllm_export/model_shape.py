@@ -34,6 +34,10 @@ class ModelShape:
     # per-layer cache state besides keys and values, (kind, heads, width) each, before
     # them in the layer's order (ZAYA1's CCA: its convolution input and delayed value)
     extra_cache: tuple = ()
+    # every layer's attention projections together where layers differ (DiffusionGemma's
+    # sliding and full layers; the widths above are then the largest layer's); 0: layers x
+    # attention_matrices()
+    attention_total: int = 0
 
     @property
     def q_width(self) -> int:
@@ -62,8 +66,11 @@ class ModelShape:
         """One routed expert's gate, up and down projections."""
         return 3 * self.hidden * self.expert_intermediate
 
+    def all_attention_matrices(self) -> int:
+        return self.attention_total or self.layers * self.attention_matrices()
+
     def matrix_parameters(self) -> int:
-        per_layer_attention = self.layers * self.attention_matrices()
+        per_layer_attention = self.all_attention_matrices()
         dense = self.dense_layers * 3 * self.hidden * self.dense_intermediate
         shared = self.moe_layers * 3 * self.hidden * self.shared_intermediate
         experts = self.moe_layers * self.experts * self.expert_matrices()

@@ -82,7 +82,7 @@ def matrix_flops(shape: ModelShape, tokens: int) -> float:
     dense = 3 * shape.hidden * shape.dense_intermediate
     moe = shape.hidden * shape.experts + shape.experts_per_token * shape.expert_matrices()
     moe += 3 * shape.hidden * shape.shared_intermediate
-    per_token = (shape.layers * shape.attention_matrices() + shape.dense_layers * dense
+    per_token = (shape.all_attention_matrices() + shape.dense_layers * dense
                  + shape.moe_layers * moe + shape.hidden * shape.vocab)
     return 2.0 * tokens * per_token
 

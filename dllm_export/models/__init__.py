@@ -90,6 +90,9 @@ def load_model(directory: str | Path, dtype=None, progress=None):
     expected = dict(model.named_parameters())
     expected.update(dict(model.named_buffers()))
     weight_map = dict(checkpoint.weight_map)
+    # stored tensors a family does not use (DiffusionGemma's vision tower): skipped, unread
+    ignored = getattr(module, "ignored", lambda name: False)
+    weight_map = {name: shard for name, shard in weight_map.items() if not ignored(name)}
     # a family that stores tensors stacked (ZAYA1's experts) names the pieces it splits them
     # into: ``expand(name, None, args)`` the names, ``expand(name, tensor, args)`` the views
     expand = getattr(module, "expand", lambda name, tensor, args: None)

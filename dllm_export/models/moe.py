@@ -35,6 +35,8 @@ from dllm_export.errors import DllmExportError
 
 STRATEGIES = ("eager", "dense", "sparse", "ort")
 DEFAULT_BLOCK = 16
+# the experts' gate activation (SwiGLU: silu; Gemma 4 / DiffusionGemma: tanh GELU)
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 def softmax_topk(router_logits, k: int, renormalize: bool = False, bias=None,
@@ -110,14 +112,15 @@ def weights_as_logits(weights, expert_ids, num_experts: int):
 
 
 class SwiGLUExpert(nn.Module):
-    def __init__(self, hidden: int, inner: int):
+    def __init__(self, hidden: int, inner: int, activation: str = "silu"):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inner, bias=False)
         self.up_proj = nn.Linear(hidden, inner, bias=False)
         self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.act = ACTIVATIONS[activation]
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 def run_eager(x, experts, weights, expert_ids):
@@ -140,7 +143,7 @@ def run_dense(x, experts, weights, expert_ids):
     return out
 
 
-def run_sparse(x, fc1t, fc2t, weights, expert_ids, block: int):
+def run_sparse(x, fc1t, fc2t, weights, expert_ids, block: int, act=F.silu):
     """Group (token, expert) pairs by expert into ``block``-row blocks; one bmm per matrix.
 
     fc1t: [E, D, 2I] with gate/up columns interleaved; fc2t: [E, I, D].
@@ -171,7 +174,7 @@ def run_sparse(x, fc1t, fc2t, weights, expert_ids, block: int):
     block_expert = torch.minimum(block_expert, torch.tensor(num_experts - 1, device=x.device))
     xb = rows.view(num_blocks, block, hidden)
     h = torch.bmm(xb, fc1t[block_expert])  # [nb, block, 2I]
-    h = F.silu(h[..., 0::2]) * h[..., 1::2]
+    h = act(h[..., 0::2]) * h[..., 1::2]
     yb = torch.bmm(h, fc2t[block_expert])  # [nb, block, D]
     y = yb.reshape(num_blocks * block, hidden)[slot].view(tokens, top_k, hidden)
     return (y * weights[..., None].to(x.dtype)).sum(dim=1)
@@ -204,13 +207,15 @@ class SparseMoeBlock(nn.Module):
 
     def __init__(self, hidden: int, inner: int, num_experts: int, top_k: int,
                  renormalize: bool = False, expert_bias: bool = False, gate=None,
-                 shared: nn.Module | None = None):
+                 shared: nn.Module | None = None, activation: str = "silu"):
         super().__init__()
+        self.activation = activation
         self.top_k = top_k
         self.renormalize = renormalize
         self.custom_router = gate is not None
         self.gate = gate if gate is not None else nn.Linear(hidden, num_experts, bias=False)
-        self.experts = nn.ModuleList(SwiGLUExpert(hidden, inner) for _ in range(num_experts))
+        self.experts = nn.ModuleList(SwiGLUExpert(hidden, inner, activation)
+                                     for _ in range(num_experts))
         if shared is not None:
             self.shared_experts = shared
         if expert_bias:
@@ -246,6 +251,10 @@ class SparseMoeBlock(nn.Module):
     def set_strategy(self, strategy: str, block: int = DEFAULT_BLOCK):
         if strategy not in STRATEGIES:
             raise DllmExportError(f"--moe {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if strategy == "ort" and self.activation != "silu":
+            raise DllmExportError(
+                f"--moe ort: com.microsoft::MoE runs SwiGLU experts; these use "
+                f"{self.activation}; use --moe sparse or dense")
         if (strategy == "ort" and not self.custom_router and self.expert_bias is not None
                 and bool(self.expert_bias.any())):
             raise DllmExportError(
@@ -285,7 +294,8 @@ class SparseMoeBlock(nn.Module):
             if self.strategy == "dense":
                 out = run_dense(x, self.experts, weights, expert_ids)
             elif self.strategy == "sparse":
-                out = run_sparse(x, self.fc1t, self.fc2t, weights, expert_ids, self.block)
+                out = run_sparse(x, self.fc1t, self.fc2t, weights, expert_ids, self.block,
+                                 ACTIVATIONS[self.activation])
             else:
                 out = run_eager(x, self.experts, weights, expert_ids)
         if hasattr(self, "shared_experts"):

@@ -82,6 +82,12 @@ def random_tensor(name: str, shape, generator, std: float = 0.02):
     import torch
 
     owner = name.split(".")[-2]
+    if name.endswith("layer_scalar"):  # DiffusionGemma's per-layer stream scale (encoder and
+        return 0.8 + 0.4 * torch.rand(shape, generator=generator)  # decoder copies differ)
+    if name.endswith(".router.scale"):  # DiffusionGemma's router input scale
+        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+    if ".router.proj." in name:  # DiffusionGemma's router: spread, so the top-k is clear
+        return 0.3 * torch.randn(shape, generator=generator)
     if name.endswith("qk_norm.temp"):  # ZAYA1's key temperature: zero would hide every key
         return 0.5 + torch.rand(shape, generator=generator)
     if name.endswith("_scale") and "norm" not in owner:  # ZAYA1's residual and input scales
@@ -171,10 +177,14 @@ def make_tiny(family: str, out_dir: str | Path, seed: int = 0, dtype: str = "bfl
         shapes = {name: tuple(t.shape) for name, t in module.Model(args).state_dict().items()}
     if hasattr(module, "stack"):  # the checkpoint stores some tensors stacked (ZAYA1's experts)
         shapes = module.stack(shapes, args)
+    if hasattr(module, "unused_shapes"):  # stored but not read (DiffusionGemma's vision tower)
+        shapes.update(module.unused_shapes(config, args))
     generator = torch.Generator().manual_seed(seed)
     state = (shapes, lambda name, shape: random_tensor(name, shape, generator))
     generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
                   "mask_token_id": ids["mask"], "_from_model_config": True}
+    if hasattr(module, "tiny_generation"):  # a family whose generation config has its own keys
+        generation = module.tiny_generation(ids)
     torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
                    "float32": torch.float32}[dtype]
     return write_checkpoint(Path(out_dir), family, config, state, tokenizer, generation,

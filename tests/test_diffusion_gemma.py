@@ -1,0 +1,435 @@
+"""DiffusionGemma against transformers' ``DiffusionGemmaForBlockDiffusion`` on the same tiny
+checkpoint in float32: the encoder (causal prefill writing the cache), the decoder (canvas
+over the cached prefix, with and without a self-conditioning signal), the commit pass and
+the next canvas after it; the checkpoint layout; parameter counts; ``plan`` for the
+published 26B-A4B config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dllm_export.errors import DllmExportError
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "diffusiongemma-26b-a4b"
+needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(),
+                                     reason="../shared/reference is not present")
+TOLERANCE = 1e-5  # float32 soft-capped logits, max abs difference (measured: about 3e-6)
+PROMPT, CANVAS = 12, 16  # the prompt is longer than the tiny sliding window (8)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from dllm_export.models.tiny import make_tiny
+
+    return make_tiny("diffusion-gemma", tmp_path_factory.mktemp("dgemma") / "ckpt",
+                     dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    from dllm_export.models import load_model
+
+    return load_model(checkpoint)[0]
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    model, info = DiffusionGemmaForBlockDiffusion.from_pretrained(
+        str(checkpoint), dtype=torch.float32, attn_implementation="eager",
+        output_loading_info=True)
+    return model.eval(), info
+
+
+def _tokens(model, shape, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.args.vocab_size, shape, generator=generator)
+
+
+def _report(ours, theirs):
+    difference = (ours - theirs).abs().max().item()
+    agreement = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    print(f"max abs difference {difference:.2e}, top-1 agreement {agreement:.4f}")
+    return difference, agreement
+
+
+def _hf_encoder_logits(reference, ids, cache):
+    hidden = reference.model.encoder(input_ids=ids, cache=cache).last_hidden_state
+    logits = reference.lm_head(hidden).float()
+    cap = reference.final_logit_softcapping
+    return torch.tanh(logits / cap) * cap
+
+
+def _prefill(loaded, prompt):
+    from dllm_export.models.layers import KVCache
+
+    length = prompt.shape[1]
+    cache = KVCache(None)
+    logits = loaded.encode(prompt, torch.arange(length)[None].expand(prompt.shape[0], -1),
+                           torch.tril(torch.ones(length, length, dtype=torch.bool))[None]
+                           .expand(prompt.shape[0], -1, -1), cache)
+    return logits, cache.presents
+
+
+def _canvas_visibility(batch, past, length):
+    return torch.ones(batch, length, past + length, dtype=torch.bool)
+
+
+def _positions(batch, start, length):
+    return torch.arange(start, start + length)[None].expand(batch, -1)
+
+
+def test_checkpoint_is_the_layout_transformers_writes(checkpoint, reference, tmp_path):
+    from dllm_export.checkpoint import open_checkpoint
+
+    model, info = reference
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    model.save_pretrained(tmp_path / "resaved")
+    written = set(open_checkpoint(tmp_path / "resaved").weight_map)
+    assert written == set(open_checkpoint(checkpoint).weight_map)
+    assert any(name.startswith("model.encoder.vision_tower.") for name in written)
+
+
+def test_encoder_logits_match_transformers(loaded, reference):
+    from transformers.cache_utils import DynamicCache
+
+    model, _ = reference
+    prompt = _tokens(loaded, (2, PROMPT), 1)
+    with torch.no_grad():
+        theirs = _hf_encoder_logits(model, prompt, DynamicCache(config=model.config.text_config))
+        ours_plain = loaded(prompt)
+        ours_cached, _ = _prefill(loaded, prompt)
+    for ours in (ours_plain, ours_cached):
+        difference, agreement = _report(ours, theirs)
+        assert difference < TOLERANCE and agreement == 1.0
+
+
+def test_decoder_logits_match_transformers_with_and_without_self_conditioning(loaded,
+                                                                               reference):
+    from transformers.cache_utils import DynamicCache
+
+    from dllm_export.models.layers import KVCache
+
+    model, _ = reference
+    prompt, canvas = _tokens(loaded, (2, PROMPT), 2), _tokens(loaded, (2, CANVAS), 3)
+    signal = 3.0 * torch.randn(2, CANVAS, loaded.args.vocab_size,
+                               generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config.text_config)
+        _hf_encoder_logits(model, prompt, cache)
+        first = model(cache=cache, decoder_input_ids=canvas).logits
+        second = model(cache=cache, decoder_input_ids=canvas,
+                       self_conditioning_logits=first).logits
+        arbitrary = model(cache=cache, decoder_input_ids=canvas,
+                          self_conditioning_logits=signal).logits
+        _, past = _prefill(loaded, prompt)
+        where = (_positions(2, PROMPT, CANVAS), _canvas_visibility(2, PROMPT, CANVAS))
+        ours_first = loaded.denoise(canvas, *where, KVCache(past))
+        ours_second = loaded.denoise(canvas, *where, KVCache(past), previous_logits=ours_first)
+        ours_arbitrary = loaded.denoise(canvas, *where, KVCache(past), previous_logits=signal)
+    for ours, theirs in ((ours_first, first), (ours_second, second),
+                         (ours_arbitrary, arbitrary)):
+        difference, agreement = _report(ours, theirs)
+        assert difference < TOLERANCE and agreement == 1.0
+    # the signal matters, and the decoder differs from the encoder on the same tokens
+    assert (ours_second - ours_first).abs().max() > 1e-2
+    assert (ours_arbitrary - ours_second).abs().max() > 1e-2
+
+
+def test_commit_pass_and_the_next_canvas_match_transformers(loaded, reference):
+    """The accepted canvas goes through the encoder with the cache (causal, writing its
+    keys); the next canvas's decoder then reads prompt + committed canvas (28 slots, past
+    the window of 8)."""
+    from transformers.cache_utils import DynamicCache
+
+    from dllm_export.models.layers import KVCache
+
+    model, _ = reference
+    prompt, accepted = _tokens(loaded, (2, PROMPT), 5), _tokens(loaded, (2, CANVAS), 6)
+    following = _tokens(loaded, (2, CANVAS), 7)
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config.text_config)
+        _hf_encoder_logits(model, prompt, cache)
+        committed = _hf_encoder_logits(model, accepted, cache)
+        nxt = model(cache=cache, decoder_input_ids=following).logits
+        _, past = _prefill(loaded, prompt)
+        own = torch.tril(torch.ones(CANVAS, CANVAS, dtype=torch.bool))
+        visible = torch.cat((torch.ones(CANVAS, PROMPT, dtype=torch.bool), own), dim=1)
+        commit = KVCache(past)
+        ours_committed = loaded.encode(accepted, _positions(2, PROMPT, CANVAS),
+                                       visible[None].expand(2, -1, -1), commit)
+        grown = [tuple(torch.cat((old, new), dim=2) for old, new in zip(a, b, strict=True))
+                 for a, b in zip(past, commit.presents, strict=True)]
+        start = PROMPT + CANVAS
+        ours_next = loaded.denoise(following, _positions(2, start, CANVAS),
+                                   _canvas_visibility(2, start, CANVAS), KVCache(grown))
+    for ours, theirs in ((ours_committed, committed), (ours_next, nxt)):
+        difference, agreement = _report(ours, theirs)
+        assert difference < TOLERANCE and agreement == 1.0
+
+
+def test_sliding_window_matters(loaded):
+    """A window wide enough to see everything changes the logits: the rule is exercised."""
+    import copy
+
+    prompt = _tokens(loaded, (1, PROMPT), 8)
+    wide = copy.copy(loaded)
+    wide.args = copy.copy(loaded.args)
+    wide.args.sliding_window = 1000
+    with torch.no_grad():
+        assert (loaded(prompt) - wide(prompt)).abs().max() > 1e-3
+
+
+def test_parameter_counts_match_transformers(loaded, reference):
+    from dllm_export.model_shape import model_shape
+    from dllm_export.models import diffusion_gemma
+
+    model, _ = reference
+    text = sum(p.numel() for name, p in model.named_parameters()
+               if not diffusion_gemma.ignored(name))
+    counts = diffusion_gemma.parameter_counts(loaded.args)
+    assert counts["total"] == text == sum(p.numel() for p in loaded.parameters())
+    tiny = diffusion_gemma.tiny_config(loaded.args.vocab_size, {"eos": 1, "bos": 2})
+    assert model_shape(tiny).total_parameters() == counts["total"]
+
+
+@needs_reference
+def test_26b_a4b_parameters_match_transformers_and_the_published_size():
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    from dllm_export.model_shape import model_shape
+    from dllm_export.models import diffusion_gemma
+
+    config = json.loads((REFERENCE / "config.json").read_text())
+    counts = diffusion_gemma.parameter_counts(diffusion_gemma.ModelArgs.from_dict(config))
+    with torch.device("meta"):
+        model = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(**config))
+    text = sum(p.numel() for name, p in model.named_parameters()
+               if not diffusion_gemma.ignored(name))
+    assert counts["total"] == text == model_shape(config).total_parameters()
+    assert 25.0e9 < counts["total"] < 25.5e9 and 3.7e9 < counts["active"] < 3.9e9
+
+
+@needs_reference
+def test_plan_for_26b_a4b_int4_fits_agx_orin_and_thor_not_orin_nx():
+    from dllm_export.device_profiles import load_profile
+    from dllm_export.export.plan import plan_model
+
+    for name in ("jetson-agx-orin-64gb", "jetson-agx-thor"):
+        plan = plan_model(REFERENCE, load_profile(name), precision="int4", seq_len=256,
+                          cache=True)
+        assert plan.fits, name
+        assert 12e9 < plan.chosen.weight_bytes < 15e9  # about 13.2 GiB
+    nx = plan_model(REFERENCE, load_profile("jetson-orin-nx-16gb"), precision="int4",
+                    seq_len=256, cache=True)
+    assert not nx.fits
+    assert not any(row.fits for row in nx.rows)  # no precision fits at any canvas
+    assert any("no sequence length fits int4" in line for line in nx.suggestions)
+
+
+def test_bad_config_is_one_line(tmp_path):
+    from dllm_export.models import diffusion_gemma
+
+    with pytest.raises(DllmExportError, match="needs the object 'text_config'"):
+        diffusion_gemma.ModelArgs.from_dict({"model_type": "diffusion_gemma"})
+    config = diffusion_gemma.tiny_config(384, {"eos": 1})
+    config["text_config"]["hidden_activation"] = "silu"
+    with pytest.raises(DllmExportError, match="hidden_activation 'silu'"):
+        diffusion_gemma.ModelArgs.from_dict(config)
+    del config["text_config"]["top_k_experts"]
+    with pytest.raises(DllmExportError, match="text_config.top_k_experts"):
+        diffusion_gemma.ModelArgs.from_dict(config)
+
+
+def test_moe_strategies_agree_with_gelu_experts(loaded):
+    """The exportable MoE forms run the experts with the tanh GELU too."""
+    from dllm_export.models import set_moe_strategy
+
+    prompt = _tokens(loaded, (1, PROMPT), 9)
+    with torch.no_grad():
+        eager = loaded(prompt)
+        try:
+            for strategy in ("dense", "sparse"):
+                set_moe_strategy(loaded, strategy)
+                assert (loaded(prompt) - eager).abs().max() < TOLERANCE, strategy
+            with pytest.raises(DllmExportError, match="SwiGLU experts"):
+                set_moe_strategy(loaded, "ort")
+        finally:
+            set_moe_strategy(loaded, "eager")
+
+
+# ---------------------------------------------------------------- the sampler
+
+
+class _TorchNoise:
+    """transformers' ``torch.randint`` / ``torch.multinomial`` driven by the runtime's noise
+    (the same seed and the same order of draws): multinomial becomes an inverse-CDF draw
+    with one uniform per row."""
+
+    def __init__(self, noise):
+        self.noise = noise
+
+    def randint(self, low=0, high=None, size=None, device=None, **_):
+        return torch.as_tensor(self.noise.tokens(tuple(size))) + 0 * low
+
+    def multinomial(self, probs, num_samples=1, **_):
+        uniform = torch.as_tensor(self.noise.uniform((probs.shape[0],)))
+        below = (torch.cumsum(probs, dim=-1) < uniform[:, None]).sum(dim=-1, keepdim=True)
+        return torch.clamp(below, max=probs.shape[-1] - 1)
+
+
+def _reference_generate(model, prompt, options, seed, monkeypatch, vocab, eos, pad):
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+        EntropyBoundSamplerConfig,
+    )
+
+    from dllm_export.runtime.diffusion_gemma import NumpyNoise
+
+    fake = _TorchNoise(NumpyNoise(vocab, seed))
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "randint", fake.randint)
+        patch.setattr(torch, "multinomial", fake.multinomial)
+        with torch.no_grad():
+            out = model.generate(
+                torch.as_tensor(prompt), max_new_tokens=options["max_new_tokens"],
+                max_denoising_steps=options["max_denoising_steps"], t_min=options["t_min"],
+                t_max=options["t_max"],
+                sampler_config=EntropyBoundSamplerConfig(entropy_bound=options["entropy_bound"]),
+                stability_threshold=options["stability_threshold"],
+                confidence_threshold=options["confidence_threshold"],
+                eos_token_id=list(eos), pad_token_id=pad)
+    return out.sequences.numpy(), out.tokens_per_forward
+
+
+SAMPLER_CASES = {
+    # transformers' defaults (few steps): one position accepted a step, no early stop
+    "defaults": dict(max_new_tokens=32, max_denoising_steps=6, t_min=0.4, t_max=0.8,
+                     entropy_bound=0.1, stability_threshold=1, confidence_threshold=0.005),
+    # a loose bound (a few positions a step) and a confidence threshold the falling
+    # temperature crosses (the tiny model's mean entropy goes from 5.937 to 5.76), so that
+    # rows stop early, one before the other, and a stopped row is frozen
+    "early-stop": dict(max_new_tokens=48, max_denoising_steps=12, t_min=0.2, t_max=1.0,
+                       entropy_bound=12.0, stability_threshold=0, confidence_threshold=5.93),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(SAMPLER_CASES))
+def test_sampler_matches_transformers_token_for_token(loaded, reference, monkeypatch, case):
+    from dllm_export.runtime.diffusion_gemma import (
+        GemmaSamplerConfig,
+        NumpyNoise,
+        TorchSteps,
+        generate,
+    )
+
+    model, _ = reference
+    options = SAMPLER_CASES[case]
+    vocab = loaded.args.vocab_size
+    prompt = _tokens(loaded, (2, 7), 10).numpy()
+    config = GemmaSamplerConfig(**options)
+    # a first run without an end token picks one the model produces in its second canvas
+    # row 0, so that the end-of-sequence padding is exercised
+    probe = generate(TorchSteps(loaded), prompt, config, NumpyNoise(vocab, 3))
+    eos = [int(probe.sequences[0, 7 + loaded.args.canvas_length + 2])]
+    pad = 0
+    ours = generate(TorchSteps(loaded), prompt, config, NumpyNoise(vocab, 3), eos, pad)
+    theirs, _ = _reference_generate(model, prompt, options, 3, monkeypatch, vocab, eos, pad)
+    np.testing.assert_array_equal(ours.sequences, theirs)
+    assert (ours.sequences[0, 7 + loaded.args.canvas_length + 3:] == pad).any()
+    if case == "early-stop":
+        assert max(ours.steps_per_canvas) < options["max_denoising_steps"]
+        assert ours.forwards[0] != ours.forwards[1]  # the rows stopped at different steps
+    else:
+        assert ours.steps_per_canvas == [options["max_denoising_steps"]] * 2
+
+
+def test_entropy_bound_acceptance_matches_the_rule():
+    from dllm_export.runtime.diffusion_gemma import accept
+
+    entropy = np.array([[0.3, 0.0, 0.05, 2.0, 0.04]], dtype=np.float32)
+    # ascending 0.0, 0.04, 0.05, 0.3, 2.0: cumulative minus own 0, 0, 0.04, 0.09, 0.39
+    np.testing.assert_array_equal(accept(entropy, 0.1), [[True, True, True, False, True]])
+    np.testing.assert_array_equal(accept(entropy, 0.01), [[False, True, False, False, True]])
+
+
+# ---------------------------------------------------------------- the exported graphs
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory):
+    from dllm_export.export.diffusion_gemma import export_graphs
+
+    directory = tmp_path_factory.mktemp("dgemma-onnx") / "artifact"
+    export_graphs(checkpoint, directory, batch=2, prompt_length=8, capacity=8 + 3 * CANVAS)
+    return directory
+
+
+@pytest.mark.slow
+def test_graphs_are_trt_clean_and_decode_as_pytorch(exported, loaded):
+    from dllm_export.export.trt_lint import check_trt
+    from dllm_export.runtime.diffusion_gemma import OnnxSteps, TorchSteps
+
+    for graph in ("prefill", "commit", "decoder"):
+        assert not [f for f in check_trt(exported / f"{graph}.onnx")
+                    if f.severity == "error"], graph
+    prompt = _tokens(loaded, (2, 7), 11).numpy()
+    canvas = _tokens(loaded, (2, CANVAS), 12).numpy()
+    uniform = np.random.default_rng(0).random((2, CANVAS), dtype=np.float32)
+    ours, onnx = TorchSteps(loaded), OnnxSteps(exported, threads=1)
+    for steps in (ours, onnx):
+        steps.reset(2)
+        steps.encode(prompt, 0)
+        steps.encode(canvas, 7)  # a commit pass: the next canvas reads 23 cached slots
+    signal = (None, None)
+    for _ in range(2):  # the first step (no signal) and one with the previous step's
+        a = ours.denoise(canvas, 7 + CANVAS, 0.7, signal[0], uniform)
+        b = onnx.denoise(canvas, 7 + CANVAS, 0.7, signal[1], uniform)
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_array_equal(a[0], b[0])
+        assert np.abs(a[2] - b[2]).max() < 1e-4
+        soft = loaded.soft_embeddings(a[3]).numpy()
+        assert np.abs(soft - b[3]).max() < 1e-4
+        signal = (a[3], b[3])
+
+
+@pytest.mark.slow
+def test_onnx_runtime_generation_matches_pytorch_token_for_token(exported, loaded):
+    """The same noise on ONNX Runtime and on the PyTorch steps (which match transformers'
+    generate: test_sampler_matches_transformers_token_for_token)."""
+    from dllm_export.runtime.diffusion_gemma import (
+        GemmaSamplerConfig,
+        NumpyNoise,
+        OnnxSteps,
+        TorchSteps,
+        generate,
+    )
+
+    prompt = _tokens(loaded, (2, 7), 10).numpy()
+    config = GemmaSamplerConfig(**SAMPLER_CASES["early-stop"])
+    vocab = loaded.args.vocab_size
+    theirs = generate(TorchSteps(loaded), prompt, config, NumpyNoise(vocab, 5), [7], 0)
+    ours = generate(OnnxSteps(exported, threads=1), prompt, config, NumpyNoise(vocab, 5),
+                    [7], 0)
+    np.testing.assert_array_equal(ours.sequences, theirs.sequences)
+    assert ours.steps_per_canvas == theirs.steps_per_canvas
+
+
+@pytest.mark.slow
+def test_onnx_steps_refuse_what_the_artifact_cannot_hold(exported):
+    from dllm_export.runtime.diffusion_gemma import OnnxSteps
+
+    steps = OnnxSteps(exported, threads=1)
+    with pytest.raises(DllmExportError, match="exported for batch 2"):
+        steps.reset(1)
+    steps.reset(2)
+    with pytest.raises(DllmExportError, match="takes up to 8"):
+        steps.encode(np.zeros((2, 9), np.int64), 0)
+    with pytest.raises(DllmExportError, match="larger --capacity"):
+        steps.encode(np.zeros((2, CANVAS), np.int64), 8 + 3 * CANVAS - 4)
