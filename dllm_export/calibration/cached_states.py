@@ -43,12 +43,17 @@ def cached_graph_states(backend, generator, prompts: list[list[int]], samples: i
     block = cache["block_length"]
     family = families.family(generator.family)
     gen = max(block, min(generator.defaults.gen_length, cache["window"]) // block * block)
-    algorithm = "llada2" if generator.defaults.algorithm == "llada2" else "llada"
+    algorithm = generator.defaults.algorithm
+    if algorithm not in ("llada2", "tidar"):  # LLaDA's block schedule for the others
+        algorithm = "llada"
     config = generator.defaults.updated(algorithm=algorithm, gen_length=gen, steps=gen,
                                         block_length=block, early_exit=False)
-    # "none" reaches the cached graphs only under a block-causal rule
+    # "none" reaches the cached graphs only under a block-causal rule; draft-and-verify
+    # decodes one way (its draft graph over the exact cache)
     modes = [mode for mode in cache["modes"]
              if mode != "none" or cache["attention"] != "bidirectional"]
+    if algorithm == "tidar":
+        modes = [None]
     recorded: dict[str, list[dict]] = {name: [] for name in backend.graphs}
     backend.on_feeds = lambda name, feeds: recorded[name].append(feeds)
     room = backend.seq_len - gen

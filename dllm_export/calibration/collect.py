@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dllm_export import families
 from dllm_export.calibration import coverage, sources
 from dllm_export.calibration.states import CanvasState, calibration_states
 
@@ -74,6 +75,7 @@ def collect(
         samples,
         mode,
         progress=progress,
+        family=families.family(manifest["family"]),
     )
     progress("calibration", "coverage")
     experts = coverage.expert_coverage(

@@ -118,6 +118,9 @@ def expert_coverage(
     if not moe:
         return None
     taps = find_router_taps(onnx.load(str(graph), load_external_data=False))
+    taps = list({tap.scope: tap for tap in reversed(taps)}.values())[::-1]  # one per layer
+    if not taps:  # a router the taps do not recognise (ZAYA1's MLP over experts + skip)
+        return None
     experts, top_k = moe["experts"], moe["top_k"]
     calibration_top_k = min(calibration_top_k or top_k, experts)
     routed = {t.scope: np.zeros(experts, dtype=np.int64) for t in taps}
@@ -129,10 +132,16 @@ def expert_coverage(
         )
         real = attention.reshape(-1).astype(bool)
         for tap, scores in zip(taps, values, strict=True):
+            if scores.shape[-1] != experts:  # not an expert score (ZAYA1's skip class
+                routed.pop(tap.scope, None)  # and router MLP): no coverage for it
+                calibrated.pop(tap.scope, None)
+                continue
             scores = scores.reshape(-1, experts)[real]
             if tap.softmax:
                 scores = np.exp(scores - scores.max(-1, keepdims=True))
             order = np.argsort(-scores, axis=-1, kind="stable")
+            if tap.scope not in routed:
+                continue
             routed[tap.scope] += np.bincount(
                 order[:, :top_k].ravel(), minlength=experts
             )

@@ -198,6 +198,11 @@ def _cached_sampler(float_model, samples: int) -> tuple[str, dict]:
     dual cache) and a block schedule that fits the artifact's graphs and canvas."""
     generator = float_model.generator
     cache = generator.backend.manifest["cache"]
+    if generator.defaults.algorithm == "tidar":  # draft-and-verify over the exact cache
+        fitted = _fitting_sampler(float_model, samples)
+        gen = fitted.get("gen_length", generator.defaults.gen_length)
+        return "draft-and-verify", {"algorithm": "tidar", "gen_length": gen, "steps": gen,
+                                    "block_length": cache["block_length"]}
     mode = "block" if cache["attention"] == "block_causal" else "dual"
     fitted = _fitting_sampler(float_model, samples)
     block = cache["block_length"]

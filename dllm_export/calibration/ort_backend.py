@@ -221,6 +221,7 @@ def int8_qdq(
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=["MatMul"],
             per_channel=True,
+            reduce_range=not cpu_has_vnni(),
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             nodes_to_quantize=nodes,
@@ -229,6 +230,20 @@ def int8_qdq(
             extra_options=extra,
         )
     prepare_for_fusion(out)
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this x86 CPU has VNNI (AVX512-VNNI, AVX-VNNI or AMX). Without it ONNX
+    Runtime's int8 kernels add u8 x s8 pairs in 16 bits (vpmaddubsw), which saturates with
+    full-range weights: ONNX Runtime's documented fix is 7-bit weights (``reduce_range``).
+    Non-x86 CPUs (ARM's sdot) and unreadable /proc report True."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return True
+    if "flags" not in flags:  # not x86
+        return True
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def weight_only_nbits(

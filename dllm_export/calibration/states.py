@@ -111,6 +111,7 @@ def trajectory_states(
     per_prompt: int = TRAJECTORY_PER_PROMPT,
     completed: list | None = None,
     clock=None,
+    family=None,
 ) -> Iterator[CanvasState]:
     """Run the float backend's unmasking loop on the prompts, record the input of every
     step, and yield ``per_prompt`` of them per prompt (evenly spaced from the first, fully
@@ -143,6 +144,7 @@ def trajectory_states(
             special,
             on_step=record,
             truncate=True,
+            family=family,
         )
         if clock:
             clock.skip(config.steps - result.forwards)
@@ -165,7 +167,7 @@ def trajectory_states(
 
 def complete_responses(
     backend, examples: list[TokenizedExample], config: SamplerConfig, special: Special,
-    clock=None,
+    clock=None, family=None,
 ) -> list[TokenizedExample]:
     """Examples without a response get the float model's own answer (temperature 0)."""
     out = []
@@ -180,7 +182,8 @@ def complete_responses(
                     clock.tick(f"answer {answered}/{missing}")
 
             result = denoise(
-                backend, [example.prompt_ids], config, special, on_step=tick, truncate=True
+                backend, [example.prompt_ids], config, special, on_step=tick, truncate=True,
+                family=family,
             )
             if clock:
                 clock.skip(config.steps - result.forwards)
@@ -202,6 +205,7 @@ def calibration_states(
     mode: str = "mixed",
     seed: int = 0,
     progress=None,
+    family=None,
 ) -> list[CanvasState]:
     """``samples`` denoiser inputs from calibration texts.
 
@@ -212,6 +216,7 @@ def calibration_states(
         tokenizer: the artifact's ``TextTokenizer``.
         config: the sampler the trajectories follow (the artifact's generation defaults).
         special: special token ids.
+        family: the artifact's ``families.Family`` (its positions, shift and own sampler).
         samples: how many states in all.
         mode: "mixed" (half each), "forward" or "trajectory".
         progress: ``progress(stage, detail)`` gets each generation forward and an estimate.
@@ -256,6 +261,7 @@ def calibration_states(
             per_prompt,
             completed=answered,
             clock=clock,
+            family=family,
         )
         by_prompt = {tuple(e.prompt_ids): e for e in answered}
         examples = [
@@ -265,7 +271,7 @@ def calibration_states(
     # A short data set tops up with forward-process states.
     forward_count = samples - len(states)
     if forward_count:
-        examples = complete_responses(backend, examples, config, special, clock)
+        examples = complete_responses(backend, examples, config, special, clock, family)
         states += forward_process_states(
             examples, forward_count, config.gen_length, backend.seq_len, special, seed
         )

@@ -433,8 +433,9 @@ def _tidar(backend, prompts, canvas, attention, prompt_length, config, special, 
             on_step(StepInfo(next(steps), first // config.block_length, canvas, committed,
                              seconds))
 
-        tokens, stats = tidar_decode(
-            backend, list(prompt), config.gen_length, config.block_length, special.pad_id,
+        prompt = canvas[row, :prompt_length][attention[row, :prompt_length] == 1].tolist()
+        tokens, stats = tidar_decode(  # the prompt as build_canvas fitted it (--truncate)
+            backend, prompt, config.gen_length, config.block_length, special.pad_id,
             eos, config.temperature, config.tidar_sampler, config.mix, family.draft_shift,
             special.mask_id, family.positions, config.seed + row, config.early_exit, report)
         canvas[row, prompt_length:prompt_length + len(tokens)] = tokens
