@@ -10,7 +10,6 @@ engine it is valid only on this GPU model and this TensorRT version.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -31,10 +30,10 @@ TRT_EP = "TensorrtExecutionProvider"
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)  # same filesystem: no second copy of multi-GB weights
-    except OSError:
-        shutil.copy2(source, target)
+    # A copy, not a hard link: onnx (1.17+) refuses to load external data from a file with
+    # several links ("potential hardlink attack"), so a link would make the source
+    # artifact unloadable for quantize, validate and TensorRT's ONNX loader afterwards.
+    shutil.copy2(source, target)
 
 
 def provider_chain(directory: Path, manifest: dict, plan) -> list:
