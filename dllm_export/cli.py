@@ -128,9 +128,13 @@ def sampler_options(func):
         click.option("--minimal-topk", type=int, default=None, help="llada2: LLaDA2.0's cap."),
         click.option("--eos-early-stop", is_flag=True, default=None,
                      help="llada2: stop a row as soon as its answer has ended."),
-        click.option("--tidar-sampler", type=click.Choice(["lossless", "logit-mix"]),
+        click.option("--tidar-sampler",
+                     type=click.Choice(["lossless", "logit-mix", "block", "autoregressive"]),
                      default=None, help="tidar: accept drafts the autoregressive predictions "
-                                        "confirm (lossless), or blend both (logit-mix)."),
+                                        "confirm (lossless), or blend both (logit-mix); or "
+                                        "the same model's block diffusion over the exact "
+                                        "cache (block, with --threshold, default 0.9) or "
+                                        "one token per forward (autoregressive)."),
         click.option("--mix", type=float, default=None,
                      help="tidar logit-mix: the draft's weight, 0 (lossless) to 1."),
     ]
@@ -717,10 +721,14 @@ def quantize(artifact_dir, out_dir, precision, method, calib, samples, calib_mod
                    "report task accuracy beside speed.")
 @click.option("--thresholds", default=None,
               help="With --cache-modes: each mode also with these Fast-dLLM thresholds.")
+@click.option("--samplers", default=None,
+              help="Also generate with each of these decoding modes of a draft-and-verify "
+                   "model (autoregressive,block,lossless,logit-mix), on every model, timed "
+                   "interleaved, and report task accuracy beside speed.")
 @sampler_options
 @user_errors
 def eval_command(model, other, task_names, samples, mc_num, mc_batch, ratios, eval_seed, batch,
-                 provider, threads, json_path, cache_modes, thresholds, **kwargs):
+                 provider, threads, json_path, cache_modes, thresholds, samplers, **kwargs):
     """Quality and speed of a checkpoint or artifact: masked accuracy, ELBO, task accuracy."""
     from dllm_export.eval.harness import EvalOptions, evaluate
     from dllm_export.eval.report import print_report
@@ -729,7 +737,7 @@ def eval_command(model, other, task_names, samples, mc_num, mc_batch, ratios, ev
     options = EvalOptions(tasks=task_names, samples=samples, ratios=ratios, mc_num=mc_num,
                           mc_batch=mc_batch, seed=eval_seed, batch=batch,
                           sampler=_sampler_overrides(kwargs), provider=provider, threads=threads,
-                          cache_modes=cache_modes, thresholds=thresholds)
+                          cache_modes=cache_modes, thresholds=thresholds, samplers=samplers)
     with _StageProgress() as progress:
         report = evaluate(model, other, options, progress=progress)
     print_report(report, _console())

@@ -23,6 +23,15 @@ class GenerationRun:
     sequence_forwards: int = 0  # forwards times rows per batch
     seconds: float = 0.0
 
+    def add(self, out, rows: int) -> None:
+        """One ``generate`` call's output (a ``runtime.GenerationOutput``) of ``rows``."""
+        self.texts += out.texts
+        self.tokens += [list(t) for t in out.tokens]
+        self.generated_tokens += out.generated_tokens
+        self.forwards += out.forwards
+        self.sequence_forwards += out.forwards * rows
+        self.seconds += out.seconds
+
     def speed(self, batch: int) -> dict:
         return {
             "tokens_per_forward": round(self.generated_tokens / max(self.sequence_forwards, 1), 4),
@@ -46,13 +55,7 @@ def generate_all(generator, prompts: list[str], batch: int, warmup: bool = True)
         generator.generate(prompts[:1], chat=True)  # first calls allocate; keep them untimed
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
-        out = generator.generate(chunk, chat=True)
-        run.texts += out.texts
-        run.tokens += [list(t) for t in out.tokens]
-        run.generated_tokens += out.generated_tokens
-        run.forwards += out.forwards
-        run.sequence_forwards += out.forwards * len(chunk)
-        run.seconds += out.seconds
+        run.add(generator.generate(chunk, chat=True), len(chunk))
     return run
 
 

@@ -28,6 +28,10 @@ Returned keys (ratios are keys like "0.1"; deltas are other minus model):
   sampler's schedule), the first model's ``tasks``, ``speed`` and ``agreement_with_none``
   (generation agreement with the ``none`` run of the same threshold): what an
   approximate cache costs in accuracy, beside what it gains in speed
+- ``samplers`` (with ``samplers``): per model ("model", "other") and decoding mode of a
+  draft-and-verify model (``tidar.SAMPLERS``), ``tasks``, ``speed`` (batch 1, the modes
+  timed interleaved prompt by prompt) and ``agreement`` with the same model's first mode
+  (named by ``agreement_with``); a mode the model cannot decode in has ``skipped`` (why)
 - ``agreement`` (comparing): ``masked`` {ratio: top-1 agreement on those positions},
   ``generation`` {"identical_share", "token_agreement"}
 - ``deltas`` (comparing): masked_accuracy {ratio}, elbo_bits_per_token, task_accuracy
@@ -42,7 +46,12 @@ from os import PathLike
 from dllm_export.errors import DllmExportError
 from dllm_export.eval import tasks as task_module
 from dllm_export.eval.canvas import task_sequence
-from dllm_export.eval.generation import generate_all, generation_agreement, task_scores
+from dllm_export.eval.generation import (
+    GenerationRun,
+    generate_all,
+    generation_agreement,
+    task_scores,
+)
 from dllm_export.eval.likelihood import bits_per_token, check_mc, elbo
 from dllm_export.eval.masked import DEFAULT_RATIOS, masked_accuracy, ratio_key
 from dllm_export.eval.models import EvalModel, common_shape
@@ -63,6 +72,9 @@ class EvalOptions:
     threads: int | None = None  # ONNX Runtime intra-op threads
     cache_modes: tuple[str, ...] | str | None = None  # e.g. "none,dual": generation per mode
     thresholds: tuple[float, ...] | str | None = None  # each mode also with these thresholds
+    # e.g. "autoregressive,block,lossless": generation per decoding mode of a
+    # draft-and-verify model (algorithm tidar), every model, timed interleaved
+    samplers: tuple[str, ...] | str | None = None
 
     def __post_init__(self):
         self.tasks = _names(self.tasks) if self.tasks is not None else task_module.TASKS
@@ -87,6 +99,14 @@ class EvalOptions:
                 raise DllmExportError(
                     f"--cache-modes {','.join(self.cache_modes)}: choose from {','.join(MODES)}")
         self.thresholds = _ratios(self.thresholds, "--thresholds") if self.thresholds else ()
+        if self.samplers is not None:
+            from dllm_export.runtime.tidar import SAMPLERS
+
+            self.samplers = _names(self.samplers)
+            unknown = [m for m in self.samplers if m not in SAMPLERS]
+            if unknown or not self.samplers:
+                raise DllmExportError(
+                    f"--samplers {','.join(self.samplers)}: choose from {','.join(SAMPLERS)}")
 
 
 def _names(value) -> tuple[str, ...]:
@@ -122,6 +142,38 @@ def _cache_modes(evaluated, examples, options, config, seq_len, batch, progress)
                         "agreement_with_" + options.cache_modes[0]:
                             generation_agreement(by_threshold[threshold].tokens, run.tokens)})
     return out
+
+
+def _samplers(models, examples, options, seq_len, progress) -> list:
+    """Task accuracy and speed of each decoding mode of a draft-and-verify model, for
+    every model (each with its own defaults otherwise), one prompt at a time and the modes
+    interleaved prompt by prompt, so that a noisy machine slows them alike."""
+    prompts = [e.prompt for e in examples]
+    runs, skipped = [], []
+    for index, evaluated in enumerate(models):
+        base = evaluated.generator.config(**options.sampler)
+        for sampler in options.samplers:
+            config = base.updated(algorithm="tidar", tidar_sampler=sampler)
+            generator = evaluated.generator_for(config, seq_len)
+            row = {"model": "model" if index == 0 else "other", "sampler": sampler}
+            try:
+                generator.generate(prompts[:1], chat=True)  # warm-up, untimed
+            except DllmExportError as error:  # a mode this model cannot decode in
+                skipped.append({**row, "skipped": str(error)})
+                continue
+            runs.append((row, generator, GenerationRun()))
+    for number, prompt in enumerate(prompts):
+        progress("samplers", f"prompt {number + 1}/{len(prompts)} x {len(runs)} modes")
+        for _, generator, run in runs:
+            run.add(generator.generate([prompt], chat=True), 1)
+    out, reference = [], {}
+    for row, _, run in runs:
+        reference.setdefault(row["model"], (row["sampler"], run))
+        first, first_run = reference[row["model"]]
+        out.append({**row, "tasks": task_scores(examples, run.texts), "speed": run.speed(1),
+                    "agreement_with": first,
+                    "agreement": generation_agreement(first_run.tokens, run.tokens)})
+    return out + skipped
 
 
 def _open(model, options: EvalOptions) -> EvalModel:
@@ -253,6 +305,8 @@ def evaluate(model, other=None, options: EvalOptions | None = None, progress=Non
     if options.cache_modes:
         report["cache_modes"] = _cache_modes(models[0], examples, options, config, seq_len,
                                              batch, progress)
+    if options.samplers:
+        report["samplers"] = _samplers(models, examples, options, seq_len, progress)
     if len(models) > 1:
         report["other"] = reports[1]
         report["agreement"] = {

@@ -74,6 +74,7 @@ def print_report(report: dict, console) -> None:
         table.add_row(*cells)
     console.print(table)
     print_cache_modes(report, console)
+    print_samplers(report, console)
 
 
 def print_cache_modes(report: dict, console) -> None:
@@ -93,6 +94,29 @@ def print_cache_modes(report: dict, console) -> None:
                       _fmt(row["speed"]["tokens_per_forward"], 2),
                       _fmt(row["speed"]["tokens_per_second"], 1),
                       _fmt(row[reference]["token_agreement"]))
+    console.print(table)
+
+
+def print_samplers(report: dict, console) -> None:
+    """Accuracy against speed per model and decoding mode (``--samplers``)."""
+    rows = report.get("samplers")
+    if not rows:
+        return
+    from rich.table import Table
+
+    table = Table(title="decoding modes (batch 1, interleaved; token agreement with each "
+                        f"model's {rows[0].get('sampler')} run)")
+    for column in ("model", "mode", "task mean", "tokens/forward", "tokens/s",
+                   "token agreement"):
+        table.add_column(column, justify="left" if column in ("model", "mode") else "right")
+    for row in rows:
+        if "skipped" in row:
+            table.add_row(row["model"], row["sampler"], "skipped", "", "", "")
+            continue
+        table.add_row(row["model"], row["sampler"], _fmt(row["tasks"]["mean"]),
+                      _fmt(row["speed"]["tokens_per_forward"], 2),
+                      _fmt(row["speed"]["tokens_per_second"], 1),
+                      _fmt(row["agreement"]["token_agreement"]))
     console.print(table)
 
 

@@ -153,6 +153,10 @@ class CCAProjection(nn.Module):
         self.conv_qk_grouped = nn.Conv1d(channels, channels, args.cca_time1,
                                          groups=args.num_attention_heads + args.num_key_value_heads)
 
+    def mix(self, window):
+        """[N, channels, taps + 1] -> [N, channels, 1]: the two causal convolutions."""
+        return self.conv_qk_grouped(self.conv_qk_depthwise(window))
+
     def forward(self, x, links, cache):
         """links: [B, taps, Lq, C + Lq] predecessor one-hots. Returns q [B, Lq, H, Dh],
         k [B, Lq, Hkv, Dh], v [B, Lq, Hkv, Dh]."""
@@ -172,8 +176,7 @@ class CCAProjection(nn.Module):
         before = [torch.matmul(links[:, t], all_qk) for t in reversed(range(args.conv_taps))]
         window = torch.stack((*before, qk), dim=-1)  # [B, Lq, channels, taps + 1]
         window = window.reshape(batch * length, args.conv_channels, args.conv_taps + 1)
-        mixed = self.conv_qk_grouped(self.conv_qk_depthwise(window))
-        mixed = mixed.reshape(batch, length, args.conv_channels)
+        mixed = self.mix(window).reshape(batch, length, args.conv_channels)
         groups = heads // kv
         q_res = q.view(batch, length, heads, head_dim)
         k_res = k.view(batch, length, kv, head_dim).repeat_interleave(groups, dim=2)

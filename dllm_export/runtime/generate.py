@@ -61,6 +61,9 @@ class SamplerConfig:
     # tidar (tidar.py): the acceptance rule and logit-mix's weight of the draft
     tidar_sampler: str = "lossless"
     mix: float = 0.5
+    # a drafting row predicts the next position (a model converted with Dream's
+    # convention) or its own (TiDAR); None: the family's
+    draft_shift: bool | None = None
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -436,8 +439,10 @@ def _tidar(backend, prompts, canvas, attention, prompt_length, config, special, 
         prompt = canvas[row, :prompt_length][attention[row, :prompt_length] == 1].tolist()
         tokens, stats = tidar_decode(  # the prompt as build_canvas fitted it (--truncate)
             backend, prompt, config.gen_length, config.block_length, special.pad_id,
-            eos, config.temperature, config.tidar_sampler, config.mix, family.draft_shift,
-            special.mask_id, family.positions, config.seed + row, config.early_exit, report)
+            eos, config.temperature, config.tidar_sampler, config.mix,
+            family.draft_shift if config.draft_shift is None else config.draft_shift,
+            special.mask_id, family.positions, config.seed + row, config.early_exit, report,
+            config.threshold)
         canvas[row, prompt_length:prompt_length + len(tokens)] = tokens
         canvas[row, prompt_length + len(tokens):] = special.eos_id
         result.forward_seconds += stats.forward_seconds

@@ -37,7 +37,8 @@ import numpy as np
 from dllm_export.errors import DllmExportError
 from dllm_export.runtime.attention import draft_verify_mask, rope_positions
 
-SAMPLERS = ("lossless", "logit-mix")
+SAMPLERS = ("lossless", "logit-mix", "block", "autoregressive")
+DEFAULT_THRESHOLD = 0.9  # block: commit every masked position at least this confident
 
 
 def _target(logprobs, ids, temperature: float, mix: float, draft=None):
@@ -96,56 +97,83 @@ class TidarStats:
         self.forward_seconds: list[float] = []
 
 
-def tidar_decode(backend, prompt: list[int], gen_length: int, block: int, pad_id: int,
-                 eos_ids=(), temperature: float = 0.0, sampler: str = "lossless",
-                 mix: float = 0.5, draft_shift: bool = False, mask_id: int = 0,
-                 positions_rule: str = "absolute", seed: int = 0, early_exit: bool = True,
-                 on_step=None):
-    """Decode ``gen_length`` tokens after ``prompt`` (one sequence). Returns (tokens,
-    TidarStats)."""
-    if sampler not in SAMPLERS:
-        raise DllmExportError(f"--tidar-sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-    if not 0 <= mix <= 1:
-        raise DllmExportError(f"--mix {mix}: must be between 0 and 1")
-    mix = mix if sampler == "logit-mix" else 0.0
-    capacity = backend.seq_len or len(prompt) + gen_length + 2 * block
-    if len(prompt) + gen_length > capacity:
-        raise DllmExportError(
-            f"draft-and-verify decoding of {gen_length} tokens after a {len(prompt)}-token "
-            f"prompt needs {len(prompt) + gen_length} cache slots; the artifact holds "
-            f"{capacity} (re-export with a larger --seq-len)")
-    rows = backend.rows_for(2 * block)
-    rng = np.random.default_rng(seed)
-    stats = TidarStats()
-    backend.reset_cache(1, capacity)
-    canvas = np.full((1, capacity), pad_id, dtype=np.int64)
-    canvas[0, :len(prompt)] = prompt
-    real = np.ones((1, capacity), dtype=bool)
-    positions = rope_positions(real, positions_rule)
-    valid = np.zeros((1, capacity), dtype=bool)
-    end = len(prompt) + gen_length
+class _Canvas:
+    """One sequence's cache bookkeeping: the canvas, RoPE positions and the valid slots."""
 
-    # the prompt, causally: its keys and values, and the first certain token
+    def __init__(self, backend, prompt: list[int], gen_length: int, block: int, pad_id: int,
+                 positions_rule: str, what: str):
+        capacity = backend.seq_len or len(prompt) + gen_length + 2 * block
+        if len(prompt) + gen_length > capacity:
+            raise DllmExportError(
+                f"{what} of {gen_length} tokens after a {len(prompt)}-token prompt needs "
+                f"{len(prompt) + gen_length} cache slots; the artifact holds {capacity} "
+                "(re-export with a larger --seq-len)")
+        self.capacity = capacity
+        backend.reset_cache(1, capacity)
+        self.tokens = np.full((1, capacity), pad_id, dtype=np.int64)
+        self.tokens[0, :len(prompt)] = prompt
+        self.real = np.ones((1, capacity), dtype=bool)
+        self.positions = rope_positions(self.real, positions_rule)
+        self.valid = np.zeros((1, capacity), dtype=bool)
+
+
+def _prefill(backend, canvas: _Canvas, prompt: list[int], rows: int, pad_id: int,
+             stats: "TidarStats"):
+    """The prompt, causally, in chunks of ``rows``: writes its keys and values; returns the
+    prediction of its last row's call and that row's index."""
     ids = np.full((1, rows), pad_id, dtype=np.int64)
     rope = np.zeros((1, rows), dtype=np.int64)
     done = 0
-    while done < len(prompt):  # chunks of ``rows``: a long prompt costs a few forwards
+    while done < len(prompt):  # a long prompt costs a few forwards
         count = min(rows, len(prompt) - done)
         ids[:] = pad_id
         ids[0, :count] = prompt[done:done + count]
         rope[:] = 0
-        rope[0, :count] = positions[0, done:done + count]
+        rope[0, :count] = canvas.positions[0, done:done + count]
         first = draft_verify_mask(np.arange(done, done + count), np.array([], dtype=np.int64),
-                                  rows, valid, real)
+                                  rows, canvas.valid, canvas.real)
         started = time.perf_counter()
         pred = backend.cached_step(ids, rope, first, write=(0, done, count))
         stats.forward_seconds.append(time.perf_counter() - started)
         stats.forwards += 1
-        valid[0, done:done + count] = True
+        canvas.valid[0, done:done + count] = True
         done += count
-    target = _target(pred.topk_logprobs[0, count - 1], pred.topk_ids[0, count - 1],
-                     temperature, 0.0)
-    pending = [_sample(pred.topk_ids[0, count - 1], target, rng)]
+    return pred, count - 1
+
+
+def tidar_decode(backend, prompt: list[int], gen_length: int, block: int, pad_id: int,
+                 eos_ids=(), temperature: float = 0.0, sampler: str = "lossless",
+                 mix: float = 0.5, draft_shift: bool = False, mask_id: int = 0,
+                 positions_rule: str = "absolute", seed: int = 0, early_exit: bool = True,
+                 on_step=None, threshold: float | None = None):
+    """Decode ``gen_length`` tokens after ``prompt`` (one sequence). Returns (tokens,
+    TidarStats). ``sampler`` ``block`` and ``autoregressive`` are the other two modes of the
+    same model (``block_decode``, ``autoregressive_decode``)."""
+    if sampler not in SAMPLERS:
+        raise DllmExportError(f"--tidar-sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if not 0 <= mix <= 1:
+        raise DllmExportError(f"--mix {mix}: must be between 0 and 1")
+    if sampler == "autoregressive":
+        return autoregressive_decode(backend, prompt, gen_length, pad_id, eos_ids, temperature,
+                                     positions_rule, seed, early_exit, on_step)
+    if sampler == "block":
+        return block_decode(backend, prompt, gen_length, block, pad_id, eos_ids, temperature,
+                            draft_shift, mask_id, positions_rule, seed, early_exit, on_step,
+                            DEFAULT_THRESHOLD if threshold is None else threshold)
+    mix = mix if sampler == "logit-mix" else 0.0
+    rows = backend.rows_for(2 * block)
+    rng = np.random.default_rng(seed)
+    stats = TidarStats()
+    canvas = _Canvas(backend, prompt, gen_length, block, pad_id, positions_rule,
+                     "draft-and-verify decoding")
+    capacity, positions, valid, real = (canvas.capacity, canvas.positions, canvas.valid,
+                                        canvas.real)
+    end = len(prompt) + gen_length
+    pred, last = _prefill(backend, canvas, prompt, rows, pad_id, stats)
+    ids = np.full((1, rows), pad_id, dtype=np.int64)
+    rope = np.zeros((1, rows), dtype=np.int64)
+    target = _target(pred.topk_logprobs[0, last], pred.topk_ids[0, last], temperature, 0.0)
+    pending = [_sample(pred.topk_ids[0, last], target, rng)]
     drafts_q: list[dict] = []  # the draft distribution of each pending draft
     n = len(prompt)  # position of pending[0]
     while n < end:
@@ -192,7 +220,7 @@ def tidar_decode(backend, prompt: list[int], gen_length: int, block: int, pad_id
             break
         # keep pending[:accepted]: their rows' keys and values are exact
         backend.commit((0, n, accepted))
-        canvas[0, n:n + accepted] = pending[:accepted]
+        canvas.tokens[0, n:n + accepted] = pending[:accepted]
         valid[0, n:n + accepted] = True
         stats.accepted.append(accepted)
         committed = pending[:accepted]
@@ -218,4 +246,149 @@ def tidar_decode(backend, prompt: list[int], gen_length: int, block: int, pad_id
                                  "top": (top_ids[draft_row], top_lp[draft_row])})
         else:
             pending, drafts_q = [certain], []
-    return canvas[0, len(prompt):end].tolist(), stats
+    return canvas.tokens[0, len(prompt):end].tolist(), stats
+
+
+def _confident(top_ids, top_logprobs, temperature: float, rng):
+    """A row's token and its probability: the argmax at temperature 0, else a sample from
+    the tempered top-K."""
+    probs = _draft_distribution(top_logprobs, temperature)
+    token = _sample(top_ids, probs, rng)
+    full = np.exp(top_logprobs.astype(np.float64))
+    return token, float(full[list(top_ids).index(token)])
+
+
+def block_decode(backend, prompt: list[int], gen_length: int, block: int, pad_id: int,
+                 eos_ids=(), temperature: float = 0.0, draft_shift: bool = True,
+                 mask_id: int = 0, positions_rule: str = "absolute", seed: int = 0,
+                 early_exit: bool = True, on_step=None, threshold: float = DEFAULT_THRESHOLD):
+    """Block diffusion over the exact causal cache, in the draft-and-verify graph.
+
+    Each block of ``block`` positions is denoised by its mask rows (attending to the cache,
+    the finished block before it and itself); every masked position at least
+    ``threshold`` confident is committed per forward (at least the most confident one).
+    The first forward of a block also carries the finished block before it, verified
+    causally: its keys and values go into the cache (so the cache stays exact) and its last
+    row's next-token prediction commits the block's first position, as autoregressive
+    decoding would. So a block costs its denoising forwards and nothing else.
+    """
+    if not draft_shift:
+        raise DllmExportError(
+            "--tidar-sampler block takes each block's first token from the causal row "
+            "before it, so its rows must predict the next position (draft_shift true in "
+            "the checkpoint's generation config)")
+    rows = backend.rows_for(2 * block)
+    rng = np.random.default_rng(seed)
+    stats = TidarStats()
+    canvas = _Canvas(backend, prompt, gen_length, block, pad_id, positions_rule,
+                     "block decoding")
+    end = len(prompt) + gen_length
+    pred, last = _prefill(backend, canvas, prompt, rows, pad_id, stats)
+    first, _ = _confident(pred.topk_ids[0, last], pred.topk_logprobs[0, last], temperature,
+                          rng)
+    ids = np.full((1, rows), pad_id, dtype=np.int64)
+    rope = np.zeros((1, rows), dtype=np.int64)
+    n = len(prompt)  # the first position not in the cache
+    pending = [first]  # tokens at n.. decided but not yet in the cache
+    while n + len(pending) < end:
+        base = n + len(pending)
+        width = min(block, end - base)
+        tokens = np.full(width, mask_id, dtype=np.int64)
+        filled = np.zeros(width, dtype=bool)
+        while not filled.all():
+            query = np.arange(n, n + len(pending))
+            ids[:] = pad_id
+            rope[:] = 0
+            ids[0, :len(pending)] = pending
+            rope[0, :len(pending)] = canvas.positions[0, query]
+            ids[0, block:block + width] = tokens
+            rope[0, block:block + width] = canvas.positions[0, base:base + width]
+            mask = draft_verify_mask(query, np.arange(base, base + width), rows, canvas.valid,
+                                     canvas.real, block)
+            started = time.perf_counter()
+            pred = backend.cached_step(ids, rope, mask, write=None)
+            seconds = time.perf_counter() - started
+            stats.forward_seconds.append(seconds)
+            stats.forwards += 1
+            top_ids, top_lp = pred.topk_ids[0], pred.topk_logprobs[0]
+            chosen = np.zeros(width, dtype=bool)
+            committed = list(pending)
+            if pending:  # the finished block joins the cache; its last row gives position base
+                backend.commit((0, n, len(pending)))
+                canvas.tokens[0, n:base] = pending
+                canvas.valid[0, n:base] = True
+                row = len(pending) - 1
+                tokens[0], _ = _confident(top_ids[row], top_lp[row], temperature, rng)
+                filled[0] = chosen[0] = True
+                n, pending = base, []
+            confidence = np.full(width, -1.0)
+            proposal = np.zeros(width, dtype=np.int64)
+            for j in range(1, width):  # block row j - 1 predicts position base + j
+                if not filled[j]:
+                    proposal[j], confidence[j] = _confident(
+                        top_ids[block + j - 1], top_lp[block + j - 1], temperature, rng)
+            pick = (confidence >= threshold) & ~filled
+            if not pick.any() and not chosen.any():
+                pick[int(np.argmax(confidence))] = True
+            tokens[pick] = proposal[pick]
+            filled |= pick
+            chosen |= pick
+            if on_step is not None:  # (first generated index, tokens, forward seconds)
+                on_step(n - len(prompt) if not committed else n - len(prompt) - len(committed),
+                        committed, seconds)
+            stats.accepted.append(int(chosen.sum()))
+            answer_end = _ended(tokens, filled, eos_ids)
+            if early_exit and answer_end is not None:
+                canvas.tokens[0, base:base + width] = tokens
+                return _finish(canvas, prompt, end, base + answer_end, eos_ids), stats
+        pending = tokens.tolist()
+    canvas.tokens[0, n:n + len(pending)] = pending
+    return canvas.tokens[0, len(prompt):end].tolist(), stats
+
+
+def _ended(tokens, filled, eos_ids):
+    """The index of the first EOS when every position before it is filled, else None."""
+    for j, (token, known) in enumerate(zip(tokens.tolist(), filled.tolist(), strict=True)):
+        if not known:
+            return None
+        if token in eos_ids:
+            return j
+    return None
+
+
+def _finish(canvas, prompt, end, stop, eos_ids):
+    """The answer up to ``stop`` (an EOS), EOS after it."""
+    out = canvas.tokens[0, len(prompt):end].copy()
+    out[stop - len(prompt):] = next(iter(eos_ids))
+    out[stop - len(prompt)] = canvas.tokens[0, stop]
+    return out.tolist()
+
+
+def autoregressive_decode(backend, prompt: list[int], gen_length: int, pad_id: int,
+                          eos_ids=(), temperature: float = 0.0,
+                          positions_rule: str = "absolute", seed: int = 0,
+                          early_exit: bool = True, on_step=None):
+    """One token per forward of the one-row decode graph (``autoregressive.py``), stopping
+    at EOS: the same model decoded as an autoregressive server would."""
+    from dllm_export.runtime.autoregressive import next_tokens
+
+    rng = np.random.default_rng(seed)
+    stats = TidarStats()
+    out = []
+
+    def choose(top_ids, top_logprobs):
+        token, _ = _confident(top_ids, top_logprobs, temperature, rng)
+        return token
+
+    for token, seconds in next_tokens(backend, prompt, gen_length, pad_id, choose,
+                                      positions_rule):
+        stats.forward_seconds.append(seconds)
+        stats.forwards += 1
+        stats.accepted.append(1)
+        out.append(token)
+        if on_step is not None:
+            on_step(len(out) - 1, [token], seconds)
+        if early_exit and token in eos_ids:
+            break
+    filler = next(iter(eos_ids)) if eos_ids else pad_id
+    return out + [filler] * (gen_length - len(out)), stats
