@@ -67,7 +67,7 @@ PHASES = ("ar", "convert")
 class Recipe:
     seed: int = 0
     ar_steps: int = 1300
-    convert_steps: int = 1100
+    convert_steps: int = 700
     batch_size: int = 64  # chat examples per task step
     text_batch_size: int = 16
     text_length: int = 96
@@ -320,8 +320,12 @@ class RouterProbe:
 
     def __init__(self, model):
         self.logits: list[torch.Tensor] = []
-        for block in model.moe_blocks():
-            block.gate.router_mlp.register_forward_hook(self._keep)
+        self.handles = [block.gate.router_mlp.register_forward_hook(self._keep)
+                        for block in model.moe_blocks()]
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
 
     def _keep(self, module, inputs, output):
         self.logits.append(output)
@@ -351,7 +355,10 @@ class SelectedHead:
 
     def __init__(self, model):
         self.rows = None
-        model.model.norm.register_forward_hook(self._select)
+        self.handle = model.model.norm.register_forward_hook(self._select)
+
+    def remove(self):
+        self.handle.remove()
 
     def _select(self, module, inputs, output):
         return output if self.rows is None else output[self.rows]
@@ -615,6 +622,8 @@ def train(model, data: dict, recipe: Recipe, phase: str, log: TrainingLog) -> No
             row = log.flush(phase, step, schedule.get_last_lr()[0])
             print(_progress_line(row, steps), flush=True)
             log.write()
+    for hook in hooks:  # a phase's hooks must not outlive it (they would hold every graph)
+        hook.remove()
     model.eval()
 
 
@@ -763,6 +772,8 @@ def parse_args() -> argparse.Namespace:
                         help="CSV log; a .json summary and a .png plot are written beside it")
     parser.add_argument("--eval-count", type=int, default=100,
                         help="held-out prompts per task (0: skip the evaluation)")
+    parser.add_argument("--base", type=Path, default=None,
+                        help="convert this saved autoregressive base (skips phase 1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="override other Recipe fields, e.g. --set lr=1e-3 layers=6")
@@ -784,6 +795,14 @@ def main() -> None:
     recipe = recipe_from_args(args)
     started = time.perf_counter()
     tokenizer, config, model, data = prepare(recipe)
+    if args.base is not None:
+        from dllm_export.models import load_model
+
+        base, _ = load_model(args.base)
+        model.load_state_dict({k: v.float() for k, v in base.state_dict().items()})
+        base_tokens = json.loads((args.base / "tokenizer.json").read_text())
+        if base_tokens["model"]["vocab"] != json.loads(tokenizer.to_str())["model"]["vocab"]:
+            raise SystemExit(f"{args.base}: its tokenizer is not this recipe's")
     counts = zaya1.parameter_counts(model.args)
     print(f"vocab {config['vocab_size']}, parameters {counts['total']:,} "
           f"({counts['active']:,} active), text stream {len(data['stream']):,} tokens, "
@@ -796,7 +815,11 @@ def main() -> None:
         "recipe": asdict(recipe), "parameters": counts, "torch": torch.__version__,
         "threads": args.threads, "phases": {},
     }
+    if args.base is not None:
+        summary["command"] += f" --base {args.base}"
     for phase, out in (("ar", args.ar_out), ("convert", args.out)):
+        if phase == "ar" and args.base is not None:
+            continue
         phase_started = time.perf_counter()
         train(model, data, recipe, phase, log)
         train_seconds = time.perf_counter() - phase_started
