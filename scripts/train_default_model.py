@@ -643,30 +643,6 @@ def _progress_line(row: dict, steps: int) -> str:
 # ---------------------------------------------------------------- save, evaluate, plot
 
 
-def stacked_state(model) -> dict:
-    """The state dict in the checkpoint's layout: experts stacked as transformers writes
-    ZAYA1 (``gate_up_proj`` [E, 2I, D], ``down_proj`` [E, D, I])."""
-    state = {name: t.detach() for name, t in model.state_dict().items()}
-    out = {}
-    for name, tensor in state.items():
-        prefix, found, rest = name.partition(".mlp.experts.")
-        if not found:
-            out[name] = tensor
-            continue
-        index, leaf = rest.split(".")[:2]
-        if index != "0" or leaf == "up_proj":
-            continue
-        count = model.args.num_experts
-        if leaf == "gate_proj":
-            out[f"{prefix}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat(
-                (state[f"{prefix}.mlp.experts.{e}.gate_proj.weight"],
-                 state[f"{prefix}.mlp.experts.{e}.up_proj.weight"])) for e in range(count)])
-        else:
-            out[f"{prefix}.mlp.experts.down_proj"] = torch.stack(
-                [state[f"{prefix}.mlp.experts.{e}.down_proj.weight"] for e in range(count)])
-    return out
-
-
 def generation_config(special: dict, recipe: Recipe, phase: str) -> dict:
     """The sampler defaults each checkpoint is scored with: the base decodes
     autoregressively; the converted model draft-and-verify (lossless), its block rows
@@ -684,7 +660,8 @@ def generation_config(special: dict, recipe: Recipe, phase: str) -> dict:
 def save(model, config: dict, tokenizer, special: dict, recipe: Recipe, phase: str,
          out: Path) -> Path:
     """fp16 safetensors plus tokenizer, config and sampler defaults."""
-    return write_checkpoint(out, "zaya1", config, stacked_state(model), tokenizer,
+    return write_checkpoint(out, "zaya1", config, zaya1.stack_state(model.state_dict(),
+                                                                  model.args), tokenizer,
                             generation_config(special, recipe, phase), torch.float16,
                             shards=1, overwrite=True)
 

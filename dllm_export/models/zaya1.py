@@ -463,3 +463,25 @@ def stack(shapes: dict, args: ModelArgs) -> dict:
         elif leaf == "down_proj":
             out[f"{prefix}.mlp.experts.down_proj"] = (args.num_experts, hidden, inner)
     return out
+
+
+def stack_state(state: dict, args: ModelArgs) -> dict:
+    """A state dict in the checkpoint's layout (``expand`` undone): the per-expert weights
+    stacked as ``gate_up_proj`` [E, 2I, D] and ``down_proj`` [E, D, I]."""
+    out = {}
+    for name, tensor in state.items():
+        prefix, found, rest = name.partition(".mlp.experts.")
+        if not found:
+            out[name] = tensor.detach()
+            continue
+        if not rest.startswith("0.") or ".up_proj." in rest:
+            continue
+        experts = [f"{prefix}.mlp.experts.{e}" for e in range(args.num_experts)]
+        if ".gate_proj." in rest:
+            out[f"{prefix}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat(
+                (state[f"{e}.gate_proj.weight"], state[f"{e}.up_proj.weight"])).detach()
+                for e in experts])
+        else:
+            out[f"{prefix}.mlp.experts.down_proj"] = torch.stack(
+                [state[f"{e}.down_proj.weight"].detach() for e in experts])
+    return out
