@@ -5,7 +5,8 @@ with (``prefix``: prefill and window; ``dual``: prefill and step; ``block``: pre
 and the commits; for a block-causal family also ``none``, which runs the cached graphs
 too), with the family's block sampler (LLaDA2's own, else LLaDA's), and autoregressively
 (decode), and the backend's ``on_feeds`` hook records
-every cached call's inputs, the cache it attended to included. Each graph keeps up to
+every cached call's inputs, the cache it attended to included (the autoregressive pass
+prefills each prompt after the ones before it, so that the full-canvas prefill graph runs). Each graph keeps up to
 ``samples`` of its states, spread evenly over what was recorded, so a quantised step graph
 is calibrated on steps and not on canvases.
 """
@@ -26,6 +27,19 @@ def _thin(states: list, samples: int) -> list:
         return states
     keep = np.linspace(0, len(states) - 1, samples).round().astype(int)
     return [states[i] for i in sorted(set(keep))]
+
+
+def _context(prompts: list[list[int]], index: int, room: int) -> list[int]:
+    """The prompt at ``index`` after the ones before it (a conversation), its last
+    ``room`` tokens: autoregressive decoding prefills with the full-canvas prefill graph
+    only a prompt over half the canvas, which short prompts (the built-in tasks) never are
+    alone."""
+    tokens = list(prompts[index])
+    for earlier in reversed(prompts[:index]):
+        if len(tokens) >= room:
+            break
+        tokens = earlier + tokens
+    return tokens[-room:]
 
 
 def cached_graph_states(backend, generator, prompts: list[list[int]], samples: int,
@@ -65,9 +79,8 @@ def cached_graph_states(backend, generator, prompts: list[list[int]], samples: i
             for mode in modes:
                 denoise(backend, [prompt[-room:]], config.updated(cache=mode),
                         generator.special, family=family)
-            tail = prompt[-(backend.seq_len - DECODE_TOKENS):]
-            greedy_decode(backend, tail, DECODE_TOKENS, generator.special.pad_id,
-                          family.positions)
+            greedy_decode(backend, _context(prompts, index, backend.seq_len - DECODE_TOKENS),
+                          DECODE_TOKENS, generator.special.pad_id, family.positions)
     finally:
         backend.on_feeds = None
     return {name: _thin(states, samples) for name, states in recorded.items()}

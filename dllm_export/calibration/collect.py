@@ -8,13 +8,12 @@ held-out problems stay unseen), any other model on the shipped generic prompts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 from dllm_export import families
 from dllm_export.calibration import coverage, sources
 from dllm_export.calibration.states import CanvasState, calibration_states
-
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "default-model"
 
 
 @dataclass
@@ -24,17 +23,12 @@ class Calibration:
     cached: dict = field(default_factory=dict)  # cached graph name -> input feeds
 
 
-def is_default_model(manifest: dict) -> bool:
-    """True when the artifact was exported from the shipped default model."""
-    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-        return False
-    from dllm_export.checkpoint import open_checkpoint
+def is_task_model(manifest: dict) -> bool:
+    """True when the artifact was exported from a shipped task-trained model
+    (``dllm_export/shipped.py``)."""
+    from dllm_export.shipped import trained_on_tasks
 
-    fingerprint = manifest.get("source", {}).get("fingerprint")
-    return (
-        fingerprint is not None
-        and open_checkpoint(DEFAULT_MODEL_DIR).fingerprint() == fingerprint
-    )
+    return trained_on_tasks(manifest.get("source", {}).get("fingerprint"))
 
 
 def collect(
@@ -63,7 +57,7 @@ def collect(
         cached: also record the cached graphs' states (``cached_states.py``).
     """
     progress = progress or (lambda stage, detail="": None)
-    builtin = "tasks" if is_default_model(manifest) else "generic"
+    builtin = "tasks" if is_task_model(manifest) else "generic"
     name, texts = sources.open_source(calib, builtin)
     progress("calibration", f"{samples} states from {name} ({mode})")
     states = calibration_states(
@@ -99,9 +93,10 @@ def collect(
         from dllm_export.calibration.cached_states import cached_graph_states
         from dllm_export.calibration.states import tokenize
 
-        _, texts = sources.open_source(calib, builtin)
-        prompts = [e.prompt_ids for e in tokenize(texts, generator.tokenizer, generator.special)]
-        graphs = cached_graph_states(backend, generator, prompts[: max(2, samples // 4)],
+        _, texts = sources.open_source(calib, builtin)  # the built-in tasks never end
+        examples = islice(tokenize(texts, generator.tokenizer, generator.special),
+                          max(2, samples // 4))
+        graphs = cached_graph_states(backend, generator, [e.prompt_ids for e in examples],
                                      samples, progress)
         summary["cached_graphs"] = {name: len(feeds) for name, feeds in graphs.items()}
     return Calibration(states, summary, graphs)

@@ -368,7 +368,7 @@ def _calibrate(artifact_dir: Path, source: dict, options, report):
 
 
 def _gate(tmp: Path, manifest, artifact_dir, options, bars, path: str, report) -> dict:
-    from dllm_export.calibration.collect import is_default_model
+    from dllm_export.calibration.collect import is_task_model
     from dllm_export.calibration.gate import candidate_model, run_gate
     from dllm_export.eval.models import EvalModel
 
@@ -382,7 +382,7 @@ def _gate(tmp: Path, manifest, artifact_dir, options, bars, path: str, report) -
     settings = GateSettings(
         samples=options.gate_samples,
         mc_num=options.gate_mc_num,
-        judge_tasks=is_default_model(manifest),
+        judge_tasks=is_task_model(manifest),
     )
     verdict = run_gate(
         float_model,

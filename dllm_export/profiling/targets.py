@@ -19,7 +19,6 @@ from dllm_export.jsonio import read_json
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DEFAULT_CACHE = Path("~/.cache/dllm-export/profile").expanduser()
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "default-model"
 
 
 @dataclass
@@ -206,12 +205,10 @@ def as_artifact_target(target: Target, artifact: Path) -> Target:
     )
 
 
-def is_default_model(target: Target) -> bool:
-    """Quality is defined on the shipped default model (trained on eval/tasks.py)."""
-    if target.checkpoint is None or not (DEFAULT_MODEL / "config.json").is_file():
-        return False
-    if Path(target.checkpoint).resolve() == DEFAULT_MODEL.resolve():
-        return True
-    from dllm_export.checkpoint import open_checkpoint
+def is_task_model(target: Target) -> bool:
+    """Quality is defined on the shipped models trained on eval/tasks.py
+    (``dllm_export/shipped.py``)."""
+    from dllm_export.shipped import trained_on_tasks
 
-    return target.fingerprint == open_checkpoint(DEFAULT_MODEL).fingerprint()
+    return target.checkpoint is not None and trained_on_tasks(target.fingerprint,
+                                                              target.checkpoint)
