@@ -563,8 +563,8 @@ def build(artifact_dir, profile_name, out_dir, precision, via, weight_streaming,
               help="One prompt per line (or .jsonl with a \"prompt\" field).")
 @click.option("--chat/--no-chat", default=True, show_default=True)
 @click.option("--sweep", "sweeps", multiple=True, help="KEY=V1,V2,... for threshold, "
-              "block_length, steps, gen_length, cache (none,prefix,dual,block), seq_len or "
-              "precision (repeatable).")
+              "block_length, steps, gen_length, cache (none,prefix,dual,block), tidar_sampler "
+              "(autoregressive,block,lossless,logit-mix), seq_len or precision (repeatable).")
 @click.option("--runs", default=5, show_default=True, help="Timed generations per point.")
 @click.option("--warmup", default=1, show_default=True, help="Untimed generations first.")
 @click.option("--rounds", default=1, show_default=True,
@@ -751,11 +751,14 @@ def eval_command(model, other, task_names, samples, mc_num, mc_batch, ratios, ev
 @click.option("-o", "--out", "out_dir", default="out/demo", show_default=True, type=click.Path())
 @click.option("--model", "model_dir", default=None, type=click.Path(),
               help="Checkpoint (default: the shipped default model).")
+@click.option("--base", "base_dir", default=None, type=click.Path(),
+              help="The autoregressive checkpoint a draft-and-verify --model is compared "
+              "with (default: the shipped base, for the default model).")
 @click.option("--samples", default=10, show_default=True, help="Held-out problems per task.")
 @click.option("--stages", default=None,
               help="Comma-separated subset of inspect,export,generate,eval,quantize,profile.")
 @user_errors
-def demo(out_dir, model_dir, samples, stages):
+def demo(out_dir, model_dir, base_dir, samples, stages):
     """The whole pipeline on the shipped default model, on the CPU."""
     from dllm_export.demo import DEFAULT_MODEL, STAGES, run_demo
 
@@ -765,7 +768,7 @@ def demo(out_dir, model_dir, samples, stages):
         raise DllmExportError(f"--stages {','.join(unknown)}: choose from {','.join(STAGES)}")
     with _StageProgress() as progress:  # one console, so prints land above the spinner
         run_demo(out_dir, model_dir or DEFAULT_MODEL, samples, chosen,
-                 console=progress.progress.console, progress=progress)
+                 console=progress.progress.console, progress=progress, base_dir=base_dir)
 
 
 def entry_point():

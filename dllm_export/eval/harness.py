@@ -31,7 +31,9 @@ Returned keys (ratios are keys like "0.1"; deltas are other minus model):
 - ``samplers`` (with ``samplers``): per model ("model", "other") and decoding mode of a
   draft-and-verify model (``tidar.SAMPLERS``), ``tasks``, ``speed`` (batch 1, the modes
   timed interleaved prompt by prompt) and ``agreement`` with the same model's first mode
-  (named by ``agreement_with``); a mode the model cannot decode in has ``skipped`` (why)
+  (named by ``agreement_with``), ``vs_base`` (``speedup`` in tokens/s and
+  ``accuracy_points`` against the other model's autoregressive run, else the model's own);
+  a mode the model cannot decode in has ``skipped`` (why)
 - ``agreement`` (comparing): ``masked`` {ratio: top-1 agreement on those positions},
   ``generation`` {"identical_share", "token_agreement"}
 - ``deltas`` (comparing): masked_accuracy {ratio}, elbo_bits_per_token, task_accuracy
@@ -173,7 +175,26 @@ def _samplers(models, examples, options, seq_len, progress) -> list:
         out.append({**row, "tasks": task_scores(examples, run.texts), "speed": run.speed(1),
                     "agreement_with": first,
                     "agreement": generation_agreement(first_run.tokens, run.tokens)})
+    _against_base(out)
     return out + skipped
+
+
+def _against_base(rows: list) -> None:
+    """Adds ``vs_base`` to each row: its tokens/s over the baseline's (``speedup``) and its
+    mean task accuracy minus the baseline's in points. The baseline is the compared
+    model's autoregressive run (an autoregressive base beside its conversion), else the
+    model's own autoregressive run."""
+    runs = {(r["model"], r["sampler"]): r for r in rows}
+    base = runs.get(("other", "autoregressive")) or runs.get(("model", "autoregressive"))
+    if base is None:
+        return
+    name = f"{base['model']} autoregressive"
+    rate = base["speed"]["tokens_per_second"]
+    for row in rows:
+        row["vs_base"] = {
+            "baseline": name,
+            "speedup": round(row["speed"]["tokens_per_second"] / rate, 3) if rate else None,
+            "accuracy_points": round(100 * (row["tasks"]["mean"] - base["tasks"]["mean"]), 1)}
 
 
 def _open(model, options: EvalOptions) -> EvalModel:

@@ -104,19 +104,31 @@ def print_samplers(report: dict, console) -> None:
         return
     from rich.table import Table
 
-    table = Table(title="decoding modes (batch 1, interleaved; token agreement with each "
-                        f"model's {rows[0].get('sampler')} run)")
-    for column in ("model", "mode", "task mean", "tokens/forward", "tokens/s",
-                   "token agreement"):
+    base = next((r["vs_base"]["baseline"] for r in rows if "vs_base" in r), None)
+    title = ("decoding modes (batch 1, interleaved; agreement: tokens equal to each "
+             f"model's {rows[0].get('sampler')} run")
+    table = Table(title=title + (f"; points and speed: against the {base} run)" if base
+                                 else ")"))
+    columns = ["model", "mode", "accuracy", "tokens/fwd", "tokens/s", "agreement"]
+    if base:
+        columns[3:3] = ["points"]
+        columns[-1:-1] = ["speed"]
+    for column in columns:
         table.add_column(column, justify="left" if column in ("model", "mode") else "right")
     for row in rows:
         if "skipped" in row:
-            table.add_row(row["model"], row["sampler"], "skipped", "", "", "")
+            table.add_row(row["model"], row["sampler"], "skipped",
+                          *[""] * (len(columns) - 3))
             continue
-        table.add_row(row["model"], row["sampler"], _fmt(row["tasks"]["mean"]),
-                      _fmt(row["speed"]["tokens_per_forward"], 2),
-                      _fmt(row["speed"]["tokens_per_second"], 1),
-                      _fmt(row["agreement"]["token_agreement"]))
+        cells = [row["model"], row["sampler"], _fmt(row["tasks"]["mean"]),
+                 _fmt(row["speed"]["tokens_per_forward"], 2),
+                 _fmt(row["speed"]["tokens_per_second"], 1),
+                 _fmt(row["agreement"]["token_agreement"])]
+        if base:
+            versus = row["vs_base"]
+            cells[3:3] = [f"{versus['accuracy_points']:+.1f}"]
+            cells[-1:-1] = [f"{versus['speedup']:.2f}x" if versus["speedup"] else "-"]
+        table.add_row(*cells)
     console.print(table)
 
 

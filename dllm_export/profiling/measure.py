@@ -86,7 +86,9 @@ def diffusion_run(
         "forwards": result.forwards,
         "cache": result.cache,
         "attention": result.attention,
-        "committed": recorder.committed,
+        # draft-and-verify counts what each forward decided (block diffusion reports a
+        # block to on_step only when it joins the cache)
+        "committed": sum(getattr(result, "accepted", None) or []) or recorder.committed,
         "answer_tokens": len(answer),
         "gen_length": config.gen_length,
         "canvas_length": int(result.sequences.shape[1]),

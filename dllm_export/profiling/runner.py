@@ -21,7 +21,7 @@ from dllm_export.profiling.targets import (
     DEFAULT_CACHE,
     as_artifact_target,
     cached_artifact,
-    is_default_model,
+    is_task_model,
     resolve_target,
     with_cached_graphs,
 )
@@ -103,7 +103,12 @@ def _base_config(target, overrides: dict):
         base = sampler_defaults(target.family, target.generation_config)
     else:
         base = SamplerConfig(**target.manifest["generation_defaults"])
-    return base.updated(**overrides)
+    base = base.updated(**overrides)
+    if base.algorithm == "tidar" and "early_exit" not in overrides:
+        # the autoregressive baseline decodes gen_length tokens with no early stop; draft-
+        # and-verify fills as many positions, so that their tokens/s compare like for like
+        base = base.updated(early_exit=False)
+    return base
 
 
 def _prepare(options: ProfileOptions, target, sweeps, report):
@@ -276,7 +281,7 @@ def profile_target(target_path, options: ProfileOptions, report=None) -> dict:
     device_profile = load_profile(options.profile)
     target = resolve_target(target_path, options.backend, options.dtype)
     quality = options.quality == "on" or (
-        options.quality == "auto" and is_default_model(target)
+        options.quality == "auto" and is_task_model(target)
     )
     target, base, points = _prepare(options, target, sweeps, report)
     ar_job, ar_how = _autoregressive_job(options, target, base, report)

@@ -20,6 +20,7 @@ SAMPLER_KEYS = {
     "steps": int,
     "gen_length": int,
     "cache": str,  # runtime/cache.py MODES: each cache mode beside none
+    "tidar_sampler": str,  # runtime/tidar.py SAMPLERS: a draft-and-verify model's modes
 }
 SWEEP_KEYS = (*SAMPLER_KEYS, "seq_len", "precision")
 TORCH_PRECISIONS = ("fp32", "bf16", "fp16")
@@ -80,6 +81,14 @@ def parse_sweep(text: str) -> Sweep:
         if unknown:
             raise DllmExportError(
                 f"--sweep {text!r}: cache modes are {', '.join(MODES)} (not {unknown[0]!r})")
+    if key == "tidar_sampler":
+        from dllm_export.runtime.tidar import SAMPLERS
+
+        unknown = [v for v in parsed if v not in SAMPLERS]
+        if unknown:
+            raise DllmExportError(
+                f"--sweep {text!r}: TiDAR samplers are {', '.join(SAMPLERS)} "
+                f"(not {unknown[0]!r})")
     if kind is int and any(v < 1 for v in parsed):
         raise DllmExportError(f"--sweep {text!r}: {key} values must be at least 1")
     return Sweep(key, parsed)
