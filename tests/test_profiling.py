@@ -135,6 +135,8 @@ def test_compare_two_reports(threshold_profile, tmp_path):
         ("threshold=high", "must be a number"),
         ("threshold=1.5", "in (0, 1]"),
         ("steps=0", "at least 1"),
+        ("tidar_sampler=block,greedy", "TiDAR samplers are lossless, logit-mix, block, "
+                                       "autoregressive (not 'greedy')"),
     ],
 )
 def test_bad_sweeps(text, words):
