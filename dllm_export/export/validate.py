@@ -209,7 +209,13 @@ def cached_cases(reference, backend, manifest: dict, bars: dict):
             valid[:, :start] = True
             yield "decode/causal", window(start, start + 1, valid, rule)
             if "draft" in graphs:  # pending block (causal) + mask block, then one reading it
-                for name, first in (("draft", start), ("draft-after-commit", start + block)):
+                # early enough that both calls fit the canvas (a short canvas's window
+                # start leaves no room for two blocks after it)
+                draft_start = max(1, min(start, length - 3 * block))
+                valid = np.zeros((batch, length), dtype=bool)
+                valid[:, :draft_start] = True
+                for name, first in (("draft", draft_start),
+                                    ("draft-after-commit", draft_start + block)):
                     if first + 2 * block > length:
                         break
                     rows = backend.rows_for(2 * block)
