@@ -5,8 +5,9 @@ with (``prefix``: prefill and window; ``dual``: prefill and step; ``block``: pre
 and the commits; for a block-causal family also ``none``, which runs the cached graphs
 too), with the family's block sampler (LLaDA2's own, else LLaDA's), and autoregressively
 (decode), and the backend's ``on_feeds`` hook records
-every cached call's inputs, the cache it attended to included (the autoregressive pass
-prefills each prompt after the ones before it, so that the full-canvas prefill graph runs). Each graph keeps up to
+every cached call's inputs, the cache it attended to included. Short prompts prefill in
+chunks of the cached graphs; when none reached the full-canvas prefill graph, each prompt is
+decoded once more after the ones before it (a conversation long enough for it). Each graph keeps up to
 ``samples`` of its states, spread evenly over what was recorded, so a quantised step graph
 is calibrated on steps and not on canvases.
 """
@@ -79,8 +80,13 @@ def cached_graph_states(backend, generator, prompts: list[list[int]], samples: i
             for mode in modes:
                 denoise(backend, [prompt[-room:]], config.updated(cache=mode),
                         generator.special, family=family)
-            greedy_decode(backend, _context(prompts, index, backend.seq_len - DECODE_TOKENS),
-                          DECODE_TOKENS, generator.special.pad_id, family.positions)
+            tail = prompt[-(backend.seq_len - DECODE_TOKENS):]
+            greedy_decode(backend, tail, DECODE_TOKENS, generator.special.pad_id,
+                          family.positions)
+        if "prefill" in recorded and not recorded["prefill"]:  # every prompt was short
+            for index in range(len(prompts)):
+                greedy_decode(backend, _context(prompts, index, backend.seq_len - DECODE_TOKENS),
+                              DECODE_TOKENS, generator.special.pad_id, family.positions)
     finally:
         backend.on_feeds = None
     return {name: _thin(states, samples) for name, states in recorded.items()}
