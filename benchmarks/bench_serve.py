@@ -9,8 +9,8 @@ All servers start first (an OpenAI server per artifact and ``--batch-wait``, its
 requests at a time, and the rounds interleave them, so a change in the machine's load
 falls on all of them alike. The summary is the median over rounds.
 
-    dllm-export export dllm_export/data/default-model -o out/dm48b1 --seq-len 48 --batch 1
-    dllm-export export dllm_export/data/default-model -o out/dm48b4 --seq-len 48 --batch 4
+    dllm-export export dllm_export/data/llada-moe-tasks -o out/dm48b1 --seq-len 48 --batch 1
+    dllm-export export dllm_export/data/llada-moe-tasks -o out/dm48b4 --seq-len 48 --batch 4
     python -m benchmarks.bench_serve out/dm48b1 out/dm48b4 --concurrency 1 2 4 8 \
         --batch-wait 0.01 0.1 --threads 1 --triton-venv .venv-triton
 """

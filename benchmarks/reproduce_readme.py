@@ -4,7 +4,7 @@
     python -m benchmarks.reproduce_readme                    # writes docs/profiling/cpu/
     python -m benchmarks.reproduce_readme --quick --out /tmp/p
 
-Steps: choose the model (the shipped default model, or a tiny LLaDA-MoE from make-tiny
+Steps: choose the model (the shipped masked-diffusion model, llada-moe-tasks, or a tiny LLaDA-MoE from make-tiny
 when it is absent, which the output says), export it for ONNX Runtime (cached), then
 profile it twice on the same fixed canvas, PyTorch eager and ONNX Runtime, each
 measurement in its own process: the baseline, the autoregressive baseline, a threshold
@@ -20,13 +20,13 @@ from pathlib import Path
 
 from benchmarks._common import ROOT
 
-DEFAULT_MODEL = ROOT / "dllm_export" / "data" / "default-model"
+DEFAULT_MODEL = ROOT / "dllm_export" / "data" / "llada-moe-tasks"  # README cache table
 
 
 def choose_model(work: Path) -> tuple[Path, str, dict]:
     """The model, what it is, and sampler overrides (none: the model's own defaults)."""
     if (DEFAULT_MODEL / "config.json").is_file():
-        return DEFAULT_MODEL, "the shipped default model", {}
+        return DEFAULT_MODEL, "the shipped masked-diffusion model (llada-moe-tasks)", {}
     from dllm_export.models.tiny import make_tiny
 
     tiny = work / "tiny-llada-moe"

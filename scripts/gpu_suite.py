@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKS = "scripts/gpu_checks.py"
-DEFAULT_MODEL = "dllm_export/data/default-model"
+DEFAULT_MODEL = "dllm_export/data/llada-moe-tasks"  # the masked-diffusion model: cache modes
 BUDGET_S = 450
 MIN_STEP_S = 15  # a step with less left than this is not started
 BEGIN, END = "<!-- gpu-suite:begin -->", "<!-- gpu-suite:end -->"

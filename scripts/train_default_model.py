@@ -12,7 +12,8 @@ load-balancing term on every router. The result is an ordinary autoregressive mo
 
 Phase 2 (``convert``) continues from it. Each training row is ``[the clean sequence | one
 draft block of 16]``: the clean part keeps the causal next-token loss; the draft block is a
-copy of 16 positions starting anywhere in the answer, half the time every one of them a
+copy of 16 positions starting at the answer's second position (where block decoding's first
+block starts) or anywhere in the answer, half the time every one of them a
 mask (TiDAR's drafting: the block drafts what follows the exact prefix), otherwise each
 masked with probability t ~ U(0, 1) (block diffusion, which fills a block over several
 steps). The block attends to the clean prefix before its first position and to itself,
@@ -83,6 +84,9 @@ class Recipe:
     gen_length: int = 16
     block: int = 16  # draft block
     full_mask_share: float = 0.5  # draft blocks that are all masks (the rest: t ~ U(0, 1))
+    # draft blocks that start where block decoding's first block does: the answer's second
+    # position (its first comes from the prefill's causal row); the rest start anywhere
+    inference_start_share: float = 0.5
     draft_weight: float = 1.0  # the draft loss against the next-token loss
     groups: int = 2  # task batches run as this many length-sorted parts
     vocab_size: int = 2048
@@ -123,12 +127,20 @@ def stdlib_text(max_chars: int) -> list[str]:
     return texts
 
 
+# ZAYA1's chat template without its leading BOS: the shipped models were trained on prompts
+# that start at <start_of_turn> (a run trained with the BOS learned no copying in its
+# budget: docs/default-model.md), and their checkpoints carry this template, so that the
+# runtime renders what training saw (tests/test_default_model.py compares the ids)
+CHAT_TEMPLATE = zaya1.TOKENIZER["chat_template"].removeprefix("{{ bos_token }}")
+TOKENIZER_SPEC = {**zaya1.TOKENIZER, "chat_template": CHAT_TEMPLATE}
+
+
 def chat_affixes() -> tuple[str, str]:
-    """The text the ZAYA1 chat template puts before and after a single user turn."""
+    """The text the chat template puts before and after a single user turn."""
     import jinja2
 
     template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(
-        zaya1.TOKENIZER["chat_template"])
+        CHAT_TEMPLATE)
     sentinel = "\x00"
     rendered = template.render(messages=[{"role": "user", "content": sentinel}],
                                add_generation_prompt=True)
@@ -281,40 +293,6 @@ def init_weights(model, layers: int, std: float = 0.02) -> None:
                 param.normal_(0.0, std)
 
 
-def fast_mix(projection):
-    """CCA's two convolutions over a window as matrix products: the same arithmetic as
-    ``CCAProjection.mix`` (checked at start), a third of the step time faster here, where
-    convolutions over 3-wide windows spend most of their backward in im2col."""
-    depthwise, grouped = projection.conv_qk_depthwise, projection.conv_qk_grouped
-    groups = grouped.groups
-
-    def mix(window):  # [N, C, taps + 1]
-        taps0 = depthwise.kernel_size[0]
-        width = window.shape[2] - taps0 + 1
-        mid = depthwise.bias[None, :, None] + sum(
-            window[:, :, i : i + width] * depthwise.weight[None, :, 0, i, None]
-            for i in range(taps0))  # [N, C, J]
-        n, channels, _ = mid.shape
-        per = channels // groups
-        mid = mid.reshape(n, groups, per * width).transpose(0, 1)  # [G, N, in * J]
-        weight = grouped.weight.reshape(groups, per, per * width)  # [G, out, in * J]
-        out = torch.bmm(mid, weight.transpose(1, 2)).transpose(0, 1).reshape(n, channels)
-        return (out + grouped.bias)[..., None]
-
-    return mix
-
-
-def use_fast_mix(model) -> None:
-    for layer in model.model.layers:
-        projection = layer.self_attn.qkv_proj
-        window = torch.randn(5, model.args.conv_channels, model.args.conv_taps + 1)
-        fast = fast_mix(projection)
-        with torch.no_grad():
-            torch.testing.assert_close(fast(window), projection.mix(window), rtol=1e-4,
-                                       atol=1e-5)
-        projection.mix = fast
-
-
 class RouterProbe:
     """Collects every router's logits (E experts + skip) with forward hooks on its MLP."""
 
@@ -380,12 +358,15 @@ def next_token_rows(batch: Batch) -> torch.Tensor:
 
 def draft_block(batch: Batch, recipe: Recipe, mask_id: int, generator):
     """One draft block per row: (input ids [B, K], positions [B, K], masked [B, K], start
-    [B]). A row's block starts at a uniform position in [first, last]; all masks with
-    probability ``full_mask_share``, else each position masked with probability t ~ U(0, 1)
-    (at least one target)."""
+    [B]). A row's block starts at ``first + 1`` with probability ``inference_start_share``
+    (block decoding's first block), else at a uniform position in [first, last]; all masks
+    with probability ``full_mask_share``, else each position masked with probability
+    t ~ U(0, 1) (at least one target)."""
     rows, width = batch.input_ids.shape[0], recipe.block
     span = (batch.last - batch.first + 1).float()
     start = batch.first + (torch.rand(rows, generator=generator) * span).long()
+    at_inference = torch.rand(rows, generator=generator) < recipe.inference_start_share
+    start = torch.where(at_inference, batch.first + 1, start)
     positions = start[:, None] + torch.arange(width)[None, :]
     clean = batch.input_ids.gather(1, positions)
     t = torch.rand(rows, 1, generator=generator)
@@ -598,7 +579,6 @@ def next_batch(phase: str, step: int, step_is_text: bool, data: dict, recipe: Re
 
 def train(model, data: dict, recipe: Recipe, phase: str, log: TrainingLog) -> None:
     hooks = (RouterProbe(model), SelectedHead(model))
-    use_fast_mix(model)
     steps = recipe.steps(phase)
     optimizer = make_optimizer(model, recipe, recipe.lr if phase == "ar" else recipe.convert_lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -647,7 +627,7 @@ def generation_config(special: dict, recipe: Recipe, phase: str) -> dict:
     """The sampler defaults each checkpoint is scored with: the base decodes
     autoregressively; the converted model draft-and-verify (lossless), its block rows
     predicting the next position."""
-    config = {"bos_token_id": special["bos"], "eos_token_id": special["eos"],
+    config = {"bos_token_id": special["bos"], "eos_token_id": special["eot"],  # the answer's end
               "mask_token_id": special["mask"], "algorithm": "tidar",
               "gen_length": recipe.gen_length, "steps": recipe.gen_length,
               "block_length": recipe.block, "temperature": 0.0,
@@ -663,7 +643,7 @@ def save(model, config: dict, tokenizer, special: dict, recipe: Recipe, phase: s
     return write_checkpoint(out, "zaya1", config, zaya1.stack_state(model.state_dict(),
                                                                   model.args), tokenizer,
                             generation_config(special, recipe, phase), torch.float16,
-                            shards=1, overwrite=True)
+                            shards=1, overwrite=True, spec=TOKENIZER_SPEC)
 
 
 def evaluate(model_dir: Path, count: int) -> dict:
@@ -722,6 +702,7 @@ def prepare(recipe: Recipe):
     texts = stdlib_text(recipe.text_chars)
     tokenizer = train_tokenizer(recipe, texts)
     spec = zaya1.TOKENIZER
+    # answers end with <eos> (role eot) and are padded with <end_of_turn> (role eos)
     special = {role: tokenizer.token_to_id(spec[role]) for role in ("bos", "eos", "eot", "mask")}
     vocab = -(-tokenizer.get_vocab_size() // 64) * 64
     config = model_config(recipe, vocab, special)

@@ -397,11 +397,11 @@ def test_lm_eval_runs_local_yaml_tasks(lm_eval_model, monkeypatch, tmp_path):
 def test_cache_modes_report_accuracy_beside_speed():
     """Each cache mode (and threshold) generates the held-out tasks once; the first mode
     is the reference the others' agreement is measured against."""
-    from dllm_export.profiling.targets import DEFAULT_MODEL
+    from dllm_export.shipped import LLADA_MOE_TASKS
 
     options = EvalOptions(tasks="sort,reverse", samples=6, mc_num=0, ratios="0.5",
                           cache_modes="none,dual,block", thresholds="0.5")
-    report = evaluate(str(DEFAULT_MODEL), options=options)
+    report = evaluate(str(LLADA_MOE_TASKS), options=options)
     rows = report["cache_modes"]
     assert [(r["cache"], r["threshold"]) for r in rows] == [
         ("none", None), ("dual", None), ("block", None),

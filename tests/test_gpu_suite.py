@@ -54,7 +54,7 @@ def test_dry_run_plans_every_check_with_its_command(dry_run):
             assert (" profile " in command and "--profile h200 --backend torch --device cuda"
                     in command and f"--cache {cache}" in command and "--json" in command)
     assert planned["profile_1b_none"]["after"] == ["make_1b"]
-    assert "dllm_export/data/default-model" in planned["profile_default_none"]["command"]
+    assert "dllm_export/data/llada-moe-tasks" in planned["profile_default_none"]["command"]
     assert "-m gpu tests/test_build.py" in planned["pytest_gpu"]["command"]
     summary = lines[-1]
     assert summary["dry_run"] and summary["failed"] == [] and summary["budget_s"] <= 480

@@ -138,16 +138,18 @@ def save_sharded(directory: Path, shapes: dict, make_tensor, dtype, shards: int)
 
 
 def write_checkpoint(out_dir: Path, family: str, config: dict, state, tokenizer,
-                     generation: dict, dtype, shards: int, overwrite: bool = False) -> Path:
+                     generation: dict, dtype, shards: int, overwrite: bool = False,
+                     spec: dict | None = None) -> Path:
     """Write a complete checkpoint directory atomically.
 
-    ``state`` is a state dict, or a (shapes, make_tensor) pair for tensors made on demand.
+    ``state`` is a state dict, or a (shapes, make_tensor) pair for tensors made on demand;
+    ``spec`` replaces the family's special tokens and chat template (``TOKENIZER``).
     """
     if isinstance(state, dict):
         weights = state
         state = ({name: tuple(t.shape) for name, t in weights.items()},
                  lambda name, shape: weights[name])
-    spec = family_module(family).TOKENIZER
+    spec = spec or family_module(family).TOKENIZER
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         write_tokenizer(tmp, tokenizer, spec, config.get("max_position_embeddings", 4096))
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
