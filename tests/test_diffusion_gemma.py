@@ -431,5 +431,44 @@ def test_onnx_steps_refuse_what_the_artifact_cannot_hold(exported):
     steps.reset(2)
     with pytest.raises(DllmExportError, match="takes up to 8"):
         steps.encode(np.zeros((2, 9), np.int64), 0)
-    with pytest.raises(DllmExportError, match="larger --capacity"):
+    with pytest.raises(DllmExportError, match="larger --seq-len"):
         steps.encode(np.zeros((2, CANVAS), np.int64), 8 + 3 * CANVAS - 4)
+
+
+def test_the_artifact_generates_text_behind_the_generator(exported):
+    """``Generator.from_artifact`` on a DiffusionGemma artifact: its own sampler over the
+    ONNX Runtime graphs, text in and out, the tokens of ``generate`` under the same seeded
+    noise; what it cannot do is refused in one line."""
+    from dllm_export.runtime import Generator
+    from dllm_export.runtime.diffusion_gemma import (
+        GemmaGenerator,
+        GemmaSamplerConfig,
+        NumpyNoise,
+        OnnxSteps,
+        generate,
+    )
+
+    gen = Generator.from_artifact(exported, threads=1)
+    assert isinstance(gen, GemmaGenerator)
+    prompts = ["ab cd", "ef gh"]
+    ids = [gen.tokenizer.format_prompt(p, False) for p in prompts]
+    assert len(ids[0]) == len(ids[1])
+    out = gen.generate(prompts, gen_length=2 * CANVAS, steps=6, seed=3)
+    steps = OnnxSteps(exported, threads=1)
+    config = GemmaSamplerConfig(**{**gen.manifest["generation_defaults"],
+                                   "max_new_tokens": 2 * CANVAS, "max_denoising_steps": 6})
+    result = generate(steps, np.asarray(ids), config, NumpyNoise(steps.vocab_size, 3),
+                      gen.eos_ids, gen.pad_id)
+    for row, tokens in zip(result.sequences[:, len(ids[0]):].tolist(), out.tokens,
+                           strict=True):
+        end = next((i for i, t in enumerate(row) if t in gen.eos_ids), len(row))
+        assert tokens == row[:end]
+    assert out.texts == [gen.tokenizer.decode(t) for t in out.tokens]
+    assert 0 < out.forwards <= 2 * 6
+    with pytest.raises(DllmExportError, match="--threshold: not an option of DiffusionGemma"):
+        gen.generate(prompts, threshold=0.9)
+    with pytest.raises(DllmExportError, match="exactly 2 prompts of one length"):
+        gen.generate(prompts[:1])
+    with pytest.raises(DllmExportError, match=f"--gen-length {4 * CANVAS}: the cache of "
+                                              f"{8 + 3 * CANVAS} slots holds"):
+        gen.generate(prompts, gen_length=4 * CANVAS)

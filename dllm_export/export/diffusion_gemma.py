@@ -32,11 +32,14 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shutil
 import warnings
 from pathlib import Path
 
 from dllm_export.errors import DllmExportError
 from dllm_export.jsonio import atomic_directory, write_json
+from dllm_export.runtime.diffusion_gemma import gemma_defaults
+from dllm_export.runtime.tokenizer import TOKENIZER_FILES
 
 GRAPHS = ("prefill", "commit", "decoder")
 
@@ -159,8 +162,17 @@ def export_graphs(model_dir, out_dir, batch: int = 1, prompt_length: int = 32,
                         f"torch.onnx.export failed ({graph} graph): {type(err).__name__}: "
                         f"{str(err).splitlines()[0]}") from err
             program.save(str(tmp / f"{graph}.onnx"), external_data=True)
+        for name in TOKENIZER_FILES:  # the runtime's Generator reads them from here
+            if (Path(model_dir) / name).is_file():
+                shutil.copy2(Path(model_dir) / name, tmp / name)
+        generation = checkpoint.generation_config
+        eos = generation.get("eos_token_id", checkpoint.config.get("eos_token_id"))
         manifest = {
             "format": "dllm-export", "kind": "onnx", "family": "diffusion-gemma",
+            "special_tokens": {"eos_ids": sorted({eos} if isinstance(eos, int) else set(eos or ())),
+                               "pad_id": generation.get("pad_token_id",
+                                                        checkpoint.config.get("pad_token_id"))},
+            "generation_defaults": gemma_defaults(generation),
             "graphs": {graph: {"file": f"{graph}.onnx", "rows": rows[graph]} for graph in GRAPHS},
             "batch": batch, "prompt_length": prompt_length, "capacity": capacity,
             "canvas_length": canvas, "vocab_size": args.vocab_size,

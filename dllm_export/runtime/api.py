@@ -94,8 +94,15 @@ class Generator:
     @classmethod
     def from_artifact(cls, artifact_dir, provider: str = "cpu", threads: int | None = None) -> "Generator":
         """An exported artifact on ONNX Runtime, or an engine directory on TensorRT."""
+        from dllm_export.jsonio import read_json
         from dllm_export.runtime.artifact import open_backend
 
+        manifest_path = Path(artifact_dir) / "manifest.json"
+        if manifest_path.is_file() and read_json(manifest_path, "the artifact manifest").get(
+                "family") == "diffusion-gemma":  # its own graphs and sampler
+            from dllm_export.runtime.diffusion_gemma import GemmaGenerator
+
+            return GemmaGenerator.from_artifact(artifact_dir, provider=provider, threads=threads)
         backend, manifest = open_backend(Path(artifact_dir), provider=provider, threads=threads)
         special = _special(manifest["special_tokens"])
         try:

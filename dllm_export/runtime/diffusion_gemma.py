@@ -35,7 +35,7 @@ transformers' and compare tokens (export/diffusion_gemma.py says why the host dr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -68,6 +68,15 @@ class GemmaSamplerConfig:
 
     def temperature(self, step: int) -> float:
         return self.t_min + (self.t_max - self.t_min) * (step / self.max_denoising_steps)
+
+
+def gemma_defaults(generation_config: dict) -> dict:
+    """The sampler fields a checkpoint's generation_config.json sets (transformers' names),
+    over transformers' defaults."""
+    from dataclasses import asdict
+
+    fields = asdict(GemmaSamplerConfig())
+    return {**fields, **{k: v for k, v in generation_config.items() if k in fields}}
 
 
 class Noise(Protocol):
@@ -325,10 +334,10 @@ class OnnxSteps:
         rows = self.prompt_length if graph == "prefill" else self.canvas_length
         if real > rows:
             raise DllmExportError(f"prompt of {real} tokens: the artifact takes up to {rows} "
-                                  f"(export with --prompt-length {real} or more)")
+                                  f"(export with --seq-len {real + self.canvas_length} or more)")
         if start + real > self.capacity:
             raise DllmExportError(f"the cache is full at {start + real} tokens: the artifact "
-                                  f"holds {self.capacity} (export with a larger --capacity)")
+                                  f"holds {self.capacity} (export with a larger --seq-len)")
         padded = np.zeros((batch, rows), dtype=np.int64)
         padded[:, :real] = ids  # right padding: causal rows never see it, and it is not kept
         own = np.tril(np.ones((rows, rows), dtype=bool))
@@ -340,7 +349,7 @@ class OnnxSteps:
         batch, rows = canvas.shape
         if start + rows > self.capacity:
             raise DllmExportError(f"the canvas at {start} does not fit the cache of "
-                                  f"{self.capacity} slots (export with a larger --capacity)")
+                                  f"{self.capacity} slots (export with a larger --seq-len)")
         if signal is None:
             signal = np.zeros((batch, rows, self.manifest["hidden_size"]), np.float32)
         extra = {"signal": signal, "temperature": np.array([temperature], np.float32),
@@ -352,3 +361,110 @@ class OnnxSteps:
 
     def keep(self, done, old, new):
         return new if old is None else np.where(np.asarray(done)[:, None, None], old, new)
+
+
+# dllm-export's generic sampler options, as DiffusionGemma's sampler names them
+OPTION_NAMES = {"gen_length": "max_new_tokens", "steps": "max_denoising_steps"}
+
+
+class GemmaGenerator:
+    """Prompt in, text out over an exported DiffusionGemma artifact on ONNX Runtime: what
+    ``runtime.Generator.from_artifact`` returns for this family (its sampler is not the
+    masked-diffusion loop). Prompts run one canvas batch at a time: with an artifact of
+    batch 1 any prompts, one after another; with batch B exactly B prompts of one length
+    (left-padded batches are not supported yet)."""
+
+    def __init__(self, steps: OnnxSteps, tokenizer, manifest: dict):
+        self.steps, self.tokenizer, self.manifest = steps, tokenizer, manifest
+        self.family = "diffusion-gemma"
+        self.defaults = GemmaSamplerConfig(**manifest["generation_defaults"])
+        special = manifest["special_tokens"]
+        self.eos_ids, self.pad_id = tuple(special["eos_ids"]), special["pad_id"]
+
+    @classmethod
+    def from_artifact(cls, artifact_dir, provider: str = "cpu", threads: int | None = None):
+        from dllm_export.runtime.tokenizer import TextTokenizer
+
+        if provider != "cpu":
+            raise DllmExportError(f"--provider {provider}: DiffusionGemma artifacts run on "
+                                  "ONNX Runtime's CPU provider for now")
+        steps = OnnxSteps(artifact_dir, threads=threads)
+        for key in ("generation_defaults", "special_tokens"):
+            if key not in steps.manifest:
+                raise DllmExportError(f"{Path(artifact_dir) / 'manifest.json'}: no {key} "
+                                      "(exported before run supported DiffusionGemma: "
+                                      "re-export it)")
+        return cls(steps, TextTokenizer(artifact_dir), steps.manifest)
+
+    def config(self, **overrides) -> GemmaSamplerConfig:
+        from dataclasses import asdict, fields
+
+        names = {f.name for f in fields(GemmaSamplerConfig)}
+        values = asdict(self.defaults)
+        for key, value in overrides.items():
+            name = OPTION_NAMES.get(key, key)
+            if name not in names:
+                raise DllmExportError(
+                    f"--{key.replace('_', '-')}: not an option of DiffusionGemma's sampler "
+                    f"(it takes --gen-length, --steps and --seed)")
+            values[name] = value
+        return GemmaSamplerConfig(**values)
+
+    def generate(self, prompts, chat: bool = False, on_text=None, on_step=None,
+                 truncate: bool = False, seed: int = 0, **overrides):
+        """Like ``runtime.Generator.generate``; ``seed`` seeds the sampler's noise."""
+        import statistics
+        import time
+
+        from dllm_export.runtime.api import GenerationOutput
+
+        if on_step is not None:
+            raise DllmExportError("--show-steps: not available for DiffusionGemma yet")
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
+            prompts = [prompts]
+        config = self.config(**overrides)
+        ids = [self.tokenizer.format_prompt(p, chat) for p in prompts]
+        limit = self.steps.prompt_length
+        if truncate:
+            ids = [row[-limit:] for row in ids]
+        batch = self.steps.batch
+        if batch == 1:
+            groups = [[row] for row in ids]
+        elif len(ids) == batch and len({len(row) for row in ids}) == 1:
+            groups = [ids]
+        else:
+            raise DllmExportError(
+                f"{len(ids)} prompts: this artifact decodes exactly {batch} prompts of one "
+                "length at a time (left-padded batches are not supported yet); export with "
+                "--batch 1 to decode any prompts one after another")
+        canvas = self.steps.canvas_length
+        fits = (self.steps.capacity - max(len(row) for row in ids)) // canvas * canvas
+        if config.max_new_tokens > fits:
+            if "gen_length" in overrides or "max_new_tokens" in overrides:
+                raise DllmExportError(
+                    f"--gen-length {config.max_new_tokens}: the cache of "
+                    f"{self.steps.capacity} slots holds {fits} new tokens after this prompt "
+                    "(export with a larger --seq-len)")
+            config = replace(config, max_new_tokens=fits)  # the default, to what fits
+        noise = NumpyNoise(self.steps.vocab_size, seed)
+        rows, forwards, started = [], 0, time.perf_counter()
+        for group in groups:
+            result = generate(self.steps, np.asarray(group), config, noise, self.eos_ids,
+                              self.pad_id)
+            forwards += int(result.forwards.max())
+            for row in result.sequences[:, result.prompt_length:]:
+                out = []
+                for token in row.tolist():
+                    if token in self.eos_ids:
+                        break
+                    out.append(token)
+                rows.append(out)
+        seconds = time.perf_counter() - started
+        texts = [self.tokenizer.decode(r) for r in rows]
+        if on_text is not None:
+            on_text(texts[0])
+        per_forward = seconds / max(forwards, 1)
+        return GenerationOutput(texts=texts, tokens=rows, forwards=forwards,
+                                generated_tokens=sum(len(r) for r in rows), seconds=seconds,
+                                step_ms_median=1000 * statistics.median([per_forward]),
+                                forward_ms_median=1000 * per_forward)
