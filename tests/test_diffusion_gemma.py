@@ -472,3 +472,19 @@ def test_the_artifact_generates_text_behind_the_generator(exported):
     with pytest.raises(DllmExportError, match=f"--gen-length {4 * CANVAS}: the cache of "
                                               f"{8 + 3 * CANVAS} slots holds"):
         gen.generate(prompts, gen_length=4 * CANVAS)
+
+
+def test_plan_answers_for_the_artifact_as_for_its_checkpoint(exported, checkpoint):
+    """``plan ARTIFACT`` reads DiffusionGemma's own manifest (batch, cache slots, MoE form,
+    canvas) and answers what ``plan CHECKPOINT`` answers at those settings."""
+    from dllm_export.device_profiles import load_profile
+    from dllm_export.export.plan import plan_model
+
+    profile = load_profile("jetson-agx-orin-64gb")
+    ours = plan_model(exported, profile).as_dict()
+    theirs = plan_model(checkpoint, profile, seq_len=8 + 3 * CANVAS, batch=2, cache=True,
+                        block_length=CANVAS).as_dict()
+    assert (ours["source_kind"], ours["batch"], ours["seq_len"]) == ("artifact", 2, 8 + 3 * CANVAS)
+    assert ours["memory"] == theirs["memory"] and ours["fits"] is True
+    with pytest.raises(DllmExportError, match="has fixed shapes"):
+        plan_model(exported, profile, seq_len=128)

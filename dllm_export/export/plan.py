@@ -206,6 +206,11 @@ def read_source(path: str | Path) -> PlanSource:
             raise DllmExportError(f"{path / 'manifest.json'}: no 'source.config' or 'family'; "
                                   "was it written by dllm-export export?")
         shapes = manifest.get("shapes") or {}
+        if manifest["family"] == "diffusion-gemma":  # its own manifest (export/diffusion_gemma.py)
+            shapes = {"batch": manifest.get("batch"), "seq_len": manifest.get("capacity")}
+            manifest = {**manifest, "moe": {"strategy": manifest.get("moe")},
+                        "precision": manifest.get("precision", "fp32"),
+                        "cache": {"block_length": manifest.get("canvas_length")}}
         return PlanSource(path, "artifact", manifest["family"], config,
                           manifest.get("precision"), shapes.get("batch"), shapes.get("seq_len"),
                           manifest)
