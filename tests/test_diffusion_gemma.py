@@ -488,3 +488,30 @@ def test_plan_answers_for_the_artifact_as_for_its_checkpoint(exported, checkpoin
     assert ours["memory"] == theirs["memory"] and ours["fits"] is True
     with pytest.raises(DllmExportError, match="has fixed shapes"):
         plan_model(exported, profile, seq_len=128)
+
+
+@pytest.mark.parametrize("stage, extra", [
+    ("build", ["--profile", "jetson-agx-orin-64gb", "-o", "{out}"]),
+    ("validate", []),
+    ("quantize", ["-o", "{out}", "--precision", "int8"]),
+    ("eval", []),
+    ("profile", ["--profile", "cpu", "-o", "{out}"]),
+    ("serve", ["--port", "8765"]),
+    ("triton", ["-o", "{out}"]),
+])
+def test_stages_that_do_not_take_its_artifact_yet_say_so(exported, tmp_path, stage, extra):
+    """Every verb that does not take a DiffusionGemma artifact yet refuses it in one line,
+    before writing anything (they raised KeyError, TypeError and AttributeError)."""
+    from click.testing import CliRunner
+
+    from dllm_export.cli import main
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [stage, str(exported),
+                                       *[a.format(out=out) for a in extra]])
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert lines[-1] == (f"error: {exported}: a DiffusionGemma artifact (its own graphs and "
+                         f"sampler): dllm-export run and plan take it, {stage} does not yet "
+                         "(docs/diffusion-gemma.md)")
+    assert "Traceback" not in result.output and not out.exists()

@@ -422,7 +422,7 @@ def quantize_artifact(
     check_output(out_dir, (artifact_dir, calib_path), options.overwrite)
     if options.samples < 1:
         raise DllmExportError("--samples must be at least 1")
-    source = read_manifest(artifact_dir)
+    source = read_manifest(artifact_dir, "quantize")
     _check_source(artifact_dir, source)
     profile = _target(options)
     strategy = (source.get("moe") or {}).get("strategy")

@@ -59,7 +59,7 @@ class EvalModel:
         if (path / "manifest.json").is_file():
             from dllm_export.runtime.artifact import read_manifest
 
-            manifest = read_manifest(path)
+            manifest = read_manifest(path, "eval")
             generator = Generator.from_artifact(path, provider=provider, threads=threads)
             return cls(generator, ModelInfo(
                 str(path), manifest.get("kind", "onnx"), generator.backend.name,

@@ -61,7 +61,7 @@ class BuildOptions:
 
 
 def read_artifact(artifact_dir: Path) -> dict:
-    manifest = read_manifest(artifact_dir)
+    manifest = read_manifest(artifact_dir, "build")
     if manifest.get("kind") != "onnx":
         raise DllmExportError(f"{artifact_dir}: kind {manifest.get('kind')!r}; build takes an "
                               "ONNX artifact from dllm-export export or quantize")

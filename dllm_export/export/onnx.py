@@ -485,11 +485,13 @@ def validate_artifact(artifact_dir, model_dir=None, report=None) -> dict:
     from dllm_export.jsonio import read_json
     from dllm_export.models import load_model
     from dllm_export.runtime.backends.onnxruntime import OrtBackend
+    from dllm_export.runtime.artifact import refuse_own_layout
     from dllm_export.runtime.backends.torch_backend import TorchBackend
 
     report = report or (lambda stage, detail="": None)
     artifact_dir = Path(artifact_dir)
     manifest = read_json(artifact_dir / "manifest.json", "the artifact manifest")
+    refuse_own_layout(manifest, artifact_dir, "validate")
     report("verify", "every file against its recorded sha256")
     verify_files(artifact_dir, manifest, full=True)
     source = Path(model_dir or manifest["source"]["checkpoint"])

@@ -64,6 +64,9 @@ def _kind(path: Path) -> tuple[str, dict]:
                 f"{path / 'manifest.json'}: kind {manifest.get('kind')!r} is "
                 "neither an ONNX artifact nor a TensorRT engine"
             )
+        from dllm_export.runtime.artifact import refuse_own_layout
+
+        refuse_own_layout(manifest, path, "profile")
         return manifest["kind"], manifest
     if (path / "config.json").is_file():
         return "checkpoint", {}

@@ -11,7 +11,16 @@ from dllm_export.jsonio import read_json
 KINDS = ("onnx", "tensorrt")
 
 
-def read_manifest(directory: Path) -> dict:
+def refuse_own_layout(manifest: dict, path, stage: str) -> None:
+    """One line for an artifact whose graphs and manifest are its family's own (DiffusionGemma:
+    encoder, decoder and commit graphs, its own sampler), which ``stage`` does not take."""
+    if manifest.get("family") == "diffusion-gemma":
+        raise DllmExportError(
+            f"{path}: a DiffusionGemma artifact (its own graphs and sampler): dllm-export run "
+            f"and plan take it, {stage} does not yet (docs/diffusion-gemma.md)")
+
+
+def read_manifest(directory: Path, stage: str = "this stage") -> dict:
     """The manifest of an artifact or engine directory, refused unless marked valid."""
     path = Path(directory) / "manifest.json"
     if not path.is_file():
@@ -21,6 +30,7 @@ def read_manifest(directory: Path) -> dict:
     manifest = read_json(path)
     if manifest.get("format", "dllm-export") != "dllm-export":
         raise DllmExportError(f"{path}: format {manifest.get('format')!r} is not dllm-export")
+    refuse_own_layout(manifest, directory, stage)
     if manifest.get("valid") is not True:
         raise DllmExportError(
             f"{path}: not marked valid (\"valid\": true); the stage that wrote it failed its "

@@ -268,6 +268,10 @@ def serve(source: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int
 
     path = Path(source)
     if (path / "manifest.json").is_file():
+        from dllm_export.jsonio import read_json
+        from dllm_export.runtime.artifact import refuse_own_layout
+
+        refuse_own_layout(read_json(path / "manifest.json"), path, "serve")
         generator = Generator.from_artifact(path, provider=provider, threads=threads)
     elif (path / "config.json").is_file():
         generator = Generator.from_checkpoint(path)

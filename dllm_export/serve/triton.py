@@ -93,7 +93,7 @@ def write_repository(source, out_dir, name: str | None = None, instances: int = 
                      overwrite: bool = False) -> Path:
     """Write the model repository; returns the model's directory."""
     source = Path(source)
-    manifest = read_manifest(source)  # refuses an invalid or tampered artifact in one line
+    manifest = read_manifest(source, "triton")  # refuses an invalid or tampered artifact in one line
     name = name or source.resolve().name.replace(" ", "_")
     check_at_least("--instances", instances, 1, 1024)
     check_at_least("--max-queue-delay-us", delay_us, 0, 60_000_000)
