@@ -484,8 +484,8 @@ def validate_artifact(artifact_dir, model_dir=None, report=None) -> dict:
     from dllm_export.integrity import verify_files
     from dllm_export.jsonio import read_json
     from dllm_export.models import load_model
-    from dllm_export.runtime.backends.onnxruntime import OrtBackend
     from dllm_export.runtime.artifact import refuse_own_layout
+    from dllm_export.runtime.backends.onnxruntime import OrtBackend
     from dllm_export.runtime.backends.torch_backend import TorchBackend
 
     report = report or (lambda stage, detail="": None)
