@@ -61,7 +61,7 @@ GENERATOR_NAMES = tuple(tasks.GENERATORS)
 DEFAULT_OUT = REPO / "dllm_export" / "data" / "default-model"
 DEFAULT_AR_OUT = REPO / "dllm_export" / "data" / "ar-base"
 DEFAULT_LOG = REPO / "docs" / "default-model-training.csv"
-PHASES = ("ar", "convert")
+PHASES = ("ar", "convert", "control")  # control: convert's data, steps and lr, next-token only
 
 
 @dataclass
@@ -102,7 +102,7 @@ class Recipe:
     log_every: int = 25
 
     def steps(self, phase: str) -> int:
-        return self.ar_steps if phase == "ar" else self.convert_steps
+        return self.ar_steps if phase == "ar" else self.convert_steps  # convert, control
 
 
 # ---------------------------------------------------------------- data
@@ -399,7 +399,7 @@ def objective(model, hooks, batch: Batch, recipe: Recipe, phase: str, special: d
     ntp_rows = next_token_rows(batch)
     ntp_targets = ids[:, 1:][ntp_rows[:, :-1]]
     stats = {"tokens": ids.numel()}
-    if phase == "ar":
+    if phase in ("ar", "control"):
         logits = head.logits(model, ntp_rows, ids, attention)
         real = attention.reshape(-1).bool()
         ntp_logits, draft_logits = logits, None
@@ -558,7 +558,7 @@ CONVERT_MIX = CURRICULUM[-1][1]
 
 def task_weights(phase: str, progress: float) -> dict:
     """The task mix at ``progress`` (0 to 1) through a phase."""
-    if phase == "convert":
+    if phase in ("convert", "control"):
         return CONVERT_MIX
     current = CURRICULUM[0][1]
     for start, weights in CURRICULUM:
@@ -631,7 +631,7 @@ def generation_config(special: dict, recipe: Recipe, phase: str) -> dict:
               "mask_token_id": special["mask"], "algorithm": "tidar",
               "gen_length": recipe.gen_length, "steps": recipe.gen_length,
               "block_length": recipe.block, "temperature": 0.0,
-              "tidar_sampler": "autoregressive" if phase == "ar" else "lossless"}
+              "tidar_sampler": "lossless" if phase == "convert" else "autoregressive"}
     if phase == "convert":
         config["draft_shift"] = True
     return config
@@ -732,6 +732,10 @@ def parse_args() -> argparse.Namespace:
                         help="held-out prompts per task (0: skip the evaluation)")
     parser.add_argument("--base", type=Path, default=None,
                         help="convert this saved autoregressive base (skips phase 1)")
+    parser.add_argument("--control", action="store_true",
+                        help="with --base: instead of converting, train the base on "
+                        "autoregressively with the conversion's data, steps and learning "
+                        "rate (the control the converted model is compared with)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="override other Recipe fields, e.g. --set lr=1e-3 layers=6")
@@ -774,8 +778,13 @@ def main() -> None:
         "threads": args.threads, "phases": {},
     }
     if args.base is not None:
-        summary["command"] += f" --base {args.base}"
-    for phase, out in (("ar", args.ar_out), ("convert", args.out)):
+        summary["command"] += f" --base {args.base}" + (" --control" if args.control else "")
+    elif args.control:
+        raise SystemExit("--control continues a saved base: give --base DIR")
+    phases = (("ar", args.ar_out), ("convert", args.out))
+    if args.control:  # the base trained on as long, autoregressively: what conversion adds
+        phases = (("control", args.out),)
+    for phase, out in phases:
         if phase == "ar" and args.base is not None:
             continue
         phase_started = time.perf_counter()
