@@ -725,10 +725,13 @@ def quantize(artifact_dir, out_dir, precision, method, calib, samples, calib_mod
               help="Also generate with each of these decoding modes of a draft-and-verify "
                    "model (autoregressive,block,lossless,logit-mix), on every model, timed "
                    "interleaved, and report task accuracy beside speed.")
+@click.option("--plot", "plot_path", type=click.Path(), default=None,
+              help="With --samplers: write a PNG of task accuracy against tokens/s here.")
 @sampler_options
 @user_errors
 def eval_command(model, other, task_names, samples, mc_num, mc_batch, ratios, eval_seed, batch,
-                 provider, threads, json_path, cache_modes, thresholds, samplers, **kwargs):
+                 provider, threads, json_path, cache_modes, thresholds, samplers, plot_path,
+                 **kwargs):
     """Quality and speed of a checkpoint or artifact: masked accuracy, ELBO, task accuracy."""
     from dllm_export.eval.harness import EvalOptions, evaluate
     from dllm_export.eval.report import print_report
@@ -738,9 +741,15 @@ def eval_command(model, other, task_names, samples, mc_num, mc_batch, ratios, ev
                           mc_batch=mc_batch, seed=eval_seed, batch=batch,
                           sampler=_sampler_overrides(kwargs), provider=provider, threads=threads,
                           cache_modes=cache_modes, thresholds=thresholds, samplers=samplers)
+    if plot_path and not options.samplers:
+        raise DllmExportError("--plot draws the decoding modes: give --samplers too")
     with _StageProgress() as progress:
         report = evaluate(model, other, options, progress=progress)
     print_report(report, _console())
+    if plot_path:
+        from dllm_export.eval.plots import plot_samplers
+
+        _console().print(f"plot: {plot_samplers(report, plot_path)}")
     if json_path:
         write_json(json_path, report)
     else:

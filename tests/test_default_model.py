@@ -111,7 +111,7 @@ def test_block_mode_refuses_a_model_that_was_not_converted():
         base.generate(["Sort: 4 7 1"], chat=True, tidar_sampler="block")
 
 
-def test_eval_times_every_mode_beside_the_autoregressive_base(generator):
+def test_eval_times_every_mode_beside_the_autoregressive_base(generator, tmp_path):
     """``eval --compare BASE --samplers ...``: the converted model's modes and the base's,
     one prompt at a time; lossless agrees with the model's own autoregressive run token
     for token, the base cannot decode in blocks, and every row is set against the base's
@@ -135,6 +135,20 @@ def test_eval_times_every_mode_beside_the_autoregressive_base(generator):
                                "accuracy_points": 0.0}
     expected = round(100 * (lossless["tasks"]["mean"] - base["tasks"]["mean"]), 1)
     assert lossless["vs_base"]["accuracy_points"] == expected
+    from dllm_export.eval.plots import plot_samplers
+
+    assert plot_samplers(report, tmp_path / "modes.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_plot_needs_the_decoding_modes():
+    from click.testing import CliRunner
+
+    from dllm_export.cli import main
+
+    result = CliRunner().invoke(main, ["eval", str(AR_BASE), "--plot", "x.png"])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines()[-1] == (
+        "error: --plot draws the decoding modes: give --samplers too")
 
 
 def test_training_stream_is_deterministic_and_skips_held_out_problems():
