@@ -244,3 +244,21 @@ def test_int8_of_the_default_model_passes_the_gate(default_onnx, tmp_path):
     manifest = quantize_artifact(out, tmp_path / "int8", QuantizeOptions(
         precision="int8", gate_samples=8, gate_mc_num=8))  # one flip: 1/32 < the 0.05 bar
     assert manifest["valid"] is True and manifest["quality_gate"]["passed"] is True
+
+
+def test_profile_sweeps_the_decoding_modes_like_for_like(default_onnx):
+    """``profile --sweep tidar_sampler=...`` on the default model: every mode fills the
+    positions the autoregressive baseline decodes (no early stop), and block diffusion's
+    tokens per forward count what each forward decided (they read 0.24 when only cache
+    commits were counted)."""
+    from dllm_export.profiling.runner import ProfileOptions, profile_target
+
+    out, _ = default_onnx
+    result = profile_target(out, ProfileOptions(
+        profile="cpu", runs=1, warmup=0, threads=1, quality="off",
+        sweeps=["tidar_sampler=block,lossless"]))
+    points = {p["value"]: p for p in result["points"] if p["series"] == "tidar_sampler"}
+    assert set(points) == {"block", "lossless"}
+    for point in points.values():
+        assert point["settings"]["early_exit"] is False
+        assert point["measured"]["tokens_per_forward"] > 1.0
