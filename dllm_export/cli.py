@@ -314,6 +314,13 @@ def _print_export_summary(out_dir, manifest):
                             else ("; ".join(row[c]) or "-") if c == "failed" else str(row[c])
                             for c in columns))
         console.print(table)
+    moe = manifest.get("moe") or {}
+    if moe.get("strategy"):  # which MoE form --moe picked, per graph
+        forms = ", ".join(f"{name} {graph['form']}" for name, graph in
+                          (moe.get("graphs") or {}).items())
+        console.print(f"MoE: {moe.get('experts')} experts top-{moe.get('top_k')}, --moe "
+                      f"{moe.get('requested')} for {moe.get('target')} -> {moe['strategy']}"
+                      + (f" ({forms})" if forms else ""))
     trt = manifest.get("trt_compatibility") or {}
     console.print(f"TensorRT compatibility: {'clean' if trt.get('clean') else 'see check-trt'}"
                   f" ({len(trt.get('findings', []))} findings)")

@@ -183,3 +183,17 @@ def test_cli_run_and_one_line_errors(artifact, tmp_path):
     result = runner.invoke(main, ["run", str(tmp_path / "nowhere"), "--prompt", "hi"])
     assert result.exit_code == 1
     assert result.output.count("\n") == 1 and "error:" in result.output
+
+
+def test_the_export_summary_says_which_moe_form_it_picked(capsys):
+    """``export`` prints the MoE form ``--moe auto`` chose for the target, per graph."""
+    from dllm_export.cli import _print_export_summary
+
+    manifest = {"validation": {}, "trt_compatibility": {"clean": True, "findings": []},
+                "valid": True,
+                "moe": {"strategy": "dense", "requested": "auto", "target": "onnxruntime",
+                        "experts": 8, "top_k": 1,
+                        "graphs": {"canvas": {"form": "dense"}, "draft": {"form": "sparse"}}}}
+    _print_export_summary("out/x", manifest)
+    assert ("MoE: 8 experts top-1, --moe auto for onnxruntime -> dense (canvas dense, draft "
+            "sparse)") in " ".join(capsys.readouterr().out.split())
