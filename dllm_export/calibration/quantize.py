@@ -240,7 +240,7 @@ def _write_graph(
 
     from dllm_export.calibration.ort_backend import prepare_graph
     from dllm_export.export.passes import write_logits_graph
-    from dllm_export.runtime.tokenizer import TOKENIZER_FILES
+    from dllm_export.runtime.tokenizer import copy_tokenizer_files
 
     work = tmp / WORK
     work.mkdir()
@@ -264,9 +264,7 @@ def _write_graph(
     shutil.rmtree(work)
     gc.collect()
     write_logits_graph(tmp / "model.onnx", tmp / "model_logits.onnx")
-    for name in TOKENIZER_FILES:
-        if (artifact_dir / name).is_file():
-            shutil.copy2(artifact_dir / name, tmp / name)
+    copy_tokenizer_files(artifact_dir, tmp)
     return selection, backend_report
 
 

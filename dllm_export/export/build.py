@@ -36,7 +36,7 @@ from dllm_export.integrity import record_files
 from dllm_export.jsonio import atomic_directory, check_output, write_json
 from dllm_export.precision import format_capability
 from dllm_export.runtime.artifact import read_manifest
-from dllm_export.runtime.tokenizer import TOKENIZER_FILES
+from dllm_export.runtime.tokenizer import copy_tokenizer_files
 
 ENGINE_FILE = "model.engine"
 VIA = ("tensorrt", "ort-trt")
@@ -164,12 +164,6 @@ def engine_manifest(artifact_manifest: dict, *, library: str, trt_version: str, 
         "valid": True,
     })
     return manifest
-
-
-def copy_tokenizer(artifact_dir: Path, out_dir: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (Path(artifact_dir) / name).is_file():
-            shutil.copy2(Path(artifact_dir) / name, out_dir / name)
 
 
 def peak_host_bytes() -> int:
@@ -339,7 +333,7 @@ def _build_typed(artifact_dir, manifest, plan, out_dir, options, notes, report,
         (tmp / ENGINE_FILE).write_bytes(engine)
         for name, blob in cached.items():
             (tmp / f"{name}.engine").write_bytes(blob)
-        copy_tokenizer(artifact_dir, tmp)
+        copy_tokenizer_files(artifact_dir, tmp)
         result["files"] = record_files(tmp)
         write_json(tmp / "manifest.json", result)
     return result

@@ -32,14 +32,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import shutil
 import warnings
 from pathlib import Path
 
 from dllm_export.errors import DllmExportError
 from dllm_export.jsonio import atomic_directory, write_json
 from dllm_export.runtime.diffusion_gemma import gemma_defaults
-from dllm_export.runtime.tokenizer import TOKENIZER_FILES
+from dllm_export.runtime.tokenizer import copy_tokenizer_files
 
 GRAPHS = ("prefill", "commit", "decoder")
 
@@ -162,9 +161,7 @@ def export_graphs(model_dir, out_dir, batch: int = 1, prompt_length: int = 32,
                         f"torch.onnx.export failed ({graph} graph): {type(err).__name__}: "
                         f"{str(err).splitlines()[0]}") from err
             program.save(str(tmp / f"{graph}.onnx"), external_data=True)
-        for name in TOKENIZER_FILES:  # the runtime's Generator reads them from here
-            if (Path(model_dir) / name).is_file():
-                shutil.copy2(Path(model_dir) / name, tmp / name)
+        copy_tokenizer_files(model_dir, tmp)  # the runtime's Generator reads them here
         generation = checkpoint.generation_config
         eos = generation.get("eos_token_id", checkpoint.config.get("eos_token_id"))
         manifest = {

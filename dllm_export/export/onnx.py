@@ -19,7 +19,6 @@ import dataclasses
 import gc
 import io
 import logging
-import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -381,7 +380,7 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
     from dllm_export.runtime.api import sampler_defaults
     from dllm_export.runtime.backends.onnxruntime import OrtBackend
     from dllm_export.runtime.backends.torch_backend import TorchBackend
-    from dllm_export.runtime.tokenizer import TOKENIZER_FILES, TextTokenizer
+    from dllm_export.runtime.tokenizer import TextTokenizer, copy_tokenizer_files
 
     report = report or (lambda stage, detail="": None)
     out_dir = Path(out_dir)
@@ -445,9 +444,7 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
         if cached:
             _export_cached(model, DecodeHead(options.topk, special_ids), cached, tmp, options,
                            has_moe, report)
-        for name in TOKENIZER_FILES:
-            if (Path(model_dir) / name).is_file():
-                shutil.copy2(Path(model_dir) / name, tmp / name)
+        copy_tokenizer_files(model_dir, tmp)
         report("check-trt", "TensorRT operator support")
         manifest["trt_compatibility"] = lint_artifact(tmp, manifest)
         if options.validate:

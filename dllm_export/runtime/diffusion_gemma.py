@@ -36,6 +36,7 @@ transformers' and compare tokens (export/diffusion_gemma.py says why the host dr
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from itertools import takewhile
 from pathlib import Path
 from typing import Protocol
 
@@ -451,13 +452,8 @@ class GemmaGenerator:
             result = generate(self.steps, np.asarray(group), config, noise, self.eos_ids,
                               self.pad_id)
             forwards += int(result.forwards.max())
-            for row in result.sequences[:, result.prompt_length:]:
-                out = []
-                for token in row.tolist():
-                    if token in self.eos_ids:
-                        break
-                    out.append(token)
-                rows.append(out)
+            rows += [list(takewhile(lambda t: t not in self.eos_ids, row))
+                     for row in result.sequences[:, result.prompt_length:].tolist()]
         seconds = time.perf_counter() - started
         texts = [self.tokenizer.decode(r) for r in rows]
         if on_text is not None:

@@ -27,6 +27,16 @@ TOKENIZER_FILES = (
 )
 
 
+def copy_tokenizer_files(source, destination) -> None:
+    """Copy the tokenizer files ``source`` has (``TOKENIZER_FILES``) into ``destination``:
+    every artifact carries them, so that the runtime reads no checkpoint."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, Path(destination) / name)
+
+
 def token_text(value) -> str | None:
     """tokenizer_config stores special tokens as strings or as AddedToken dicts."""
     if isinstance(value, dict):
