@@ -136,14 +136,14 @@ TOKENIZER_SPEC = {**zaya1.TOKENIZER, "chat_template": CHAT_TEMPLATE}
 
 
 def chat_affixes() -> tuple[str, str]:
-    """The text the chat template puts before and after a single user turn."""
-    import jinja2
+    """The text the chat template puts before and after a single user turn, rendered as
+    the runtime renders it (``runtime.chat_template``)."""
+    from dllm_export.runtime.chat_template import render_chat_template
 
-    template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(
-        CHAT_TEMPLATE)
     sentinel = "\x00"
-    rendered = template.render(messages=[{"role": "user", "content": sentinel}],
-                               add_generation_prompt=True)
+    rendered = render_chat_template(CHAT_TEMPLATE, "scripts/train_default_model.py",
+                                    messages=[{"role": "user", "content": sentinel}],
+                                    add_generation_prompt=True)
     before, after = rendered.split(sentinel)
     return before, after
 
