@@ -273,7 +273,8 @@ def export(model_dir, out_dir, seq_len, batch, dtype, moe, target, attention, mo
     if _family_of(model_dir) == "diffusion-gemma":  # its own graphs: export/diffusion_gemma.py
         from dllm_export.export.diffusion_gemma import export_cli
 
-        export_cli(model_dir, out_dir, seq_len, batch, dtype, moe, opset)
+        export_cli(model_dir, out_dir, seq_len, batch, dtype, moe, opset,
+                   validate=not no_validate, overwrite=overwrite)
         return
 
     options = ExportOptions(seq_len=seq_len, batch=batch, dtype=dtype, moe=moe, moe_block=moe_block,
@@ -338,6 +339,14 @@ def validate(artifact_dir, model_dir):
 
     with _StageProgress() as progress:
         manifest = validate_artifact(artifact_dir, model_dir, report=progress)
+    if manifest["family"] == "diffusion-gemma":
+        from dllm_export.export import diffusion_gemma
+
+        if not manifest["valid"]:
+            raise DllmExportError(
+                f"{artifact_dir}: {diffusion_gemma.validation_failure(manifest['validation'])}")
+        print(diffusion_gemma.validation_summary(manifest["validation"]))
+        return
     _print_export_summary(artifact_dir, manifest)
     if not manifest["valid"]:
         from dllm_export.export.onnx import validation_failure

@@ -492,7 +492,6 @@ def test_plan_answers_for_the_artifact_as_for_its_checkpoint(exported, checkpoin
 
 @pytest.mark.parametrize("stage, extra", [
     ("build", ["--profile", "jetson-agx-orin-64gb", "-o", "{out}"]),
-    ("validate", []),
     ("quantize", ["-o", "{out}", "--precision", "int8"]),
     ("eval", []),
     ("profile", ["--profile", "cpu", "-o", "{out}"]),
@@ -515,3 +514,38 @@ def test_stages_that_do_not_take_its_artifact_yet_say_so(exported, tmp_path, sta
                          f"sampler): dllm-export run and plan take it, {stage} does not yet "
                          "(docs/diffusion-gemma.md)")
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_export_validates_shares_one_weights_file_and_validate_reruns_it(exported, tmp_path):
+    """The export checks its graphs against PyTorch and records it (valid), names nodes by
+    module path, writes one weights file for the three graphs; ``dllm-export validate``
+    verifies the files and reruns the check; an existing output is not replaced."""
+    import onnx
+    from click.testing import CliRunner
+
+    from dllm_export.cli import main
+    from dllm_export.jsonio import read_json
+
+    manifest = read_json(exported / "manifest.json")
+    assert manifest["valid"] is True and manifest["precision"] == "fp32"
+    graphs = manifest["validation"]["graphs"]
+    assert set(graphs) == {"prefill", "commit", "decoder"}
+    assert all(case["max_abs_diff"] < 1e-4 and not case["failed"] for case in graphs.values())
+    assert graphs["decoder"]["argmax_agreement"] == 1.0
+    assert [f.name for f in exported.glob("*.data")] == ["prefill.onnx.data"]
+    locations = set()
+    for graph in ("prefill", "commit", "decoder"):
+        model = onnx.load(str(exported / f"{graph}.onnx"), load_external_data=False)
+        locations |= {e.value for t in model.graph.initializer for e in t.external_data
+                      if e.key == "location"}
+        names = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+        assert "model.decoder.layers.0.moe.gate.proj/Gemm" in names
+    assert locations == {"prefill.onnx.data"}
+    result = CliRunner().invoke(main, ["validate", str(exported)])
+    assert result.exit_code == 0, result.output
+    assert "validated against PyTorch: prefill max abs diff" in result.output
+    again = CliRunner().invoke(main, ["export", str(manifest["source"]["checkpoint"]), "-o",
+                                      str(exported), "--seq-len", "40"])
+    assert again.exit_code != 0 and "already exists; choose another path or pass " \
+        "--overwrite" in again.output
+

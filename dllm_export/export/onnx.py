@@ -488,6 +488,10 @@ def validate_artifact(artifact_dir, model_dir=None, report=None) -> dict:
     report = report or (lambda stage, detail="": None)
     artifact_dir = Path(artifact_dir)
     manifest = read_json(artifact_dir / "manifest.json", "the artifact manifest")
+    if manifest.get("family") == "diffusion-gemma":  # its own graphs: export/diffusion_gemma.py
+        from dllm_export.export.diffusion_gemma import revalidate
+
+        return revalidate(artifact_dir, manifest, model_dir, report)
     refuse_own_layout(manifest, artifact_dir, "validate")
     report("verify", "every file against its recorded sha256")
     verify_files(artifact_dir, manifest, full=True)

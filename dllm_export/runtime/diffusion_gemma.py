@@ -283,13 +283,15 @@ class OnnxSteps:
     on ONNX Runtime, with the cache held here as one numpy (keys, values) pair per layer of
     ``capacity`` slots; the signal is the soft embeddings the decoder graph returns."""
 
-    def __init__(self, artifact_dir, threads: int | None = None, providers=None):
+    def __init__(self, artifact_dir, threads: int | None = None, providers=None,
+                 manifest: dict | None = None):
         import onnxruntime as ort
 
         from dllm_export.jsonio import read_json
 
         self.directory = Path(artifact_dir)
-        manifest = read_json(self.directory / "manifest.json", "the artifact manifest")
+        if manifest is None:
+            manifest = read_json(self.directory / "manifest.json", "the artifact manifest")
         if manifest.get("family") != "diffusion-gemma":
             raise DllmExportError(f"{self.directory}: not a diffusion-gemma artifact")
         self.manifest = manifest
@@ -298,6 +300,7 @@ class OnnxSteps:
         self.capacity = manifest["capacity"]
         self.prompt_length = manifest["prompt_length"]
         options = ort.SessionOptions()
+        options.log_severity_level = 3  # a Q/DQ graph's unused initialisers are no news
         if threads:
             options.intra_op_num_threads = threads
         self.sessions = {
@@ -342,7 +345,7 @@ class OnnxSteps:
         padded = np.zeros((batch, rows), dtype=np.int64)
         padded[:, :real] = ids  # right padding: causal rows never see it, and it is not kept
         own = np.tril(np.ones((rows, rows), dtype=bool))
-        presents = self.sessions[graph].run(None, self._feeds(padded, start, own))
+        presents = self.run(graph, self._feeds(padded, start, own))
         for state, new in zip(self.cache, presents, strict=True):
             state[:, :, start:start + real] = new[:, :, :real]
 
@@ -356,9 +359,13 @@ class OnnxSteps:
         extra = {"signal": signal, "temperature": np.array([temperature], np.float32),
                  "uniform": np.asarray(uniform, np.float32)}
         own = np.ones((rows, rows), dtype=bool)
-        sample, argmax, entropy, nxt = self.sessions["decoder"].run(
-            None, self._feeds(np.asarray(canvas), start, own, extra))
+        sample, argmax, entropy, nxt = self.run(
+            "decoder", self._feeds(np.asarray(canvas), start, own, extra))
         return sample, argmax, entropy, nxt
+
+    def run(self, graph: str, feeds: dict) -> list:
+        """One graph on its feeds (calibration records them here)."""
+        return self.sessions[graph].run(None, feeds)
 
     def keep(self, done, old, new):
         return new if old is None else np.where(np.asarray(done)[:, None, None], old, new)
