@@ -136,6 +136,16 @@ def clean_stale(out_dir: Path) -> list[Path]:
     return removed
 
 
+def _ordinary_permissions(directory: Path) -> None:
+    """Files written private (onnx saves external weights 0600) get the permissions the
+    user's umask gives any new file, so that a server running as another user reads them."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink() and not path.stat().st_mode & 0o077:
+            os.chmod(path, (path.stat().st_mode | 0o666) & ~mask & 0o777)
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: Path, overwrite: bool = False, inputs=()) -> Iterator[Path]:
     """Yield a temporary sibling directory that becomes ``out_dir`` only on success.
@@ -156,6 +166,7 @@ def atomic_directory(out_dir: Path, overwrite: bool = False, inputs=()) -> Itera
     try:
         _mark(tmp, "partial")
         yield tmp
+        _ordinary_permissions(tmp)
         _mark(tmp, "complete")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

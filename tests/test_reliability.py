@@ -70,6 +70,25 @@ def test_overwrite_replaces_only_our_own_directories(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "ours", "photos"]
 
 
+def test_files_written_private_become_readable_like_any_new_file(tmp_path):
+    """onnx saves external weights 0600: an artifact served by another user (Triton, a
+    system service) could not read its own weights. The artifact's files get the umask's
+    permissions; a file deliberately shared wider keeps its mode."""
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "artifact") as tmp:
+            (tmp / "model.onnx.data").write_bytes(b"\0" * 8)
+            os.chmod(tmp / "model.onnx.data", 0o600)
+            (tmp / "run.sh").write_text("true")
+            os.chmod(tmp / "run.sh", 0o755)
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "artifact" / "model.onnx.data").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "artifact" / "run.sh").stat().st_mode & 0o777 == 0o755
+
+
 def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
