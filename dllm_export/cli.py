@@ -663,7 +663,7 @@ def profile_command(target, profile_name, backend, prompts_file, chat, sweeps, r
               help="Quantised artifact directory.")
 @click.option("--precision", required=True, type=click.Choice(["int8", "fp8", "int4"]))
 @click.option("--method", default=None, help="int8: minmax, entropy, percentile, "
-              "modelopt-max, modelopt-entropy, nbits, qmoe; int4: nbits, awq_clip, rtn_dq, "
+              "modelopt-max, modelopt-entropy, nbits, qmoe; int4: nbits, awq_clip, rtn_dq, ort-dq, "
               "qmoe; fp8: modelopt-max, modelopt-entropy (default: by precision, --profile "
               "and the MoE export form).")
 @click.option("--calib", default=None, help="Calibration data: a .txt or .jsonl file, or "

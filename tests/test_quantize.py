@@ -221,6 +221,36 @@ def test_refusals_are_one_line(float_artifact, tmp_path):
         quantize_artifact(sparse, tmp_path / "y", QuantizeOptions(precision="int8"))
 
 
+@pytest.mark.parametrize("family", ["llada", "llada2"])
+def test_ort_dq_int4_blocks_parse_in_tensorrt_and_run_on_onnx_runtime(family, float_artifact,
+                                                                      tmp_path):
+    """``--method ort-dq``: ONNX Runtime's round-to-nearest INT4 written as DequantizeLinear
+    blocks (opset 21, block 32 along the input dimension) before standard MatMuls, in every
+    graph (LLaDA2's cached ones too): check-trt clean, TensorRT profiles listed, and it
+    generates on ONNX Runtime; no ModelOpt needed."""
+    import onnx
+
+    out = tmp_path / "int4"
+    manifest = quantize_artifact(float_artifact(family), out, fast("int4", method="ort-dq"))
+    assert manifest["valid"] is True and manifest["quantization"]["format"] == "dq"
+    assert "jetson-agx-orin-64gb" in manifest["quantization"]["runs_on"]
+    files = [manifest["graph"]["file"]] + [
+        g["file"] for g in ((manifest.get("cache") or {}).get("graphs") or {}).values()]
+    for name in files:
+        model = onnx.load(str(out / name), load_external_data=False)
+        blocks = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+        weights = {t.name: t for t in model.graph.initializer}
+        assert blocks and "MatMulNBits" not in {n.op_type for n in model.graph.node}
+        assert all(weights[n.input[0]].data_type == onnx.TensorProto.INT4 for n in blocks)
+        assert {a.i for n in blocks for a in n.attribute if a.name == "block_size"} == {32}
+        assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
+        assert not [f for f in check_trt(out / name) if f.severity == "error"], name
+    assert manifest["trt_compatibility"]["clean"] is True
+    generated = Generator.from_artifact(out).generate("hi", gen_length=8, steps=8,
+                                                      block_length=8)
+    assert generated.forwards >= 1
+
+
 @pytest.mark.parametrize("family", ["llada-moe", "llada2"])
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_qmoe_for_ort_moe_artifacts(precision, family, float_artifact, tmp_path):

@@ -12,13 +12,16 @@
 | int8/int4 | qmoe           | onnxruntime  | qmoe   | no         | ONNX Runtime             |
 | int4      | awq_clip       | modelopt     | qdq    | yes        | TensorRT, ONNX Runtime   |
 | int4      | rtn_dq         | modelopt     | qdq    | no         | TensorRT, ONNX Runtime   |
+| int4      | ort-dq         | onnxruntime  | dq     | no         | TensorRT, ONNX Runtime   |
 | fp8       | modelopt-max   | modelopt     | qdq    | yes        | TensorRT (CC >= 8.9)     |
 | fp8       | modelopt-entropy | modelopt   | qdq    | yes        | TensorRT (CC >= 8.9)     |
 
 ``qmoe`` (the default for ``--moe ort`` artifacts) turns ``com.microsoft::MoE`` nodes into
 ``QMoE`` with per-row expert weights and the other linear layers into MatMulNBits.
 ``qdq`` graphs are symmetric Q/DQ that TensorRT parses (INT4 is weight-only DequantizeLinear
-blocks); ``nbits`` graphs use ``com.microsoft::MatMulNBits``, which only ONNX Runtime runs.
+blocks); ``dq`` graphs are those weight-only blocks written by ONNX Runtime's own quantiser
+(``ort-dq``: round-to-nearest, symmetric, block 32, opset 21; no ModelOpt needed);
+``nbits`` graphs use ``com.microsoft::MatMulNBits``, which only ONNX Runtime runs.
 ModelOpt's ``awq_lite`` is not offered: in 0.47 it calls cupy's ``.get()`` on a numpy array
 when calibrating on the CPU and fails.
 
@@ -38,7 +41,7 @@ class Method:
     precision: str
     name: str
     backend: str  # "onnxruntime" or "modelopt"
-    format: str  # "qdq" or "nbits"
+    format: str  # "qdq", "dq" (weight-only DequantizeLinear blocks), "nbits" or "qmoe"
     calibrated: bool
     libraries: tuple[
         str, ...
@@ -66,6 +69,7 @@ METHODS = {
         Method("int4", "qmoe", "onnxruntime", "qmoe", False, ("onnxruntime",), "rtn"),
         Method("int4", "awq_clip", "modelopt", "qdq", True, _ALL, "awq_clip"),
         Method("int4", "rtn_dq", "modelopt", "qdq", False, _ALL, "rtn_dq"),
+        Method("int4", "ort-dq", "onnxruntime", "dq", False, _ALL, "rtn"),
         Method("fp8", "modelopt-max", "modelopt", "qdq", True, _TRT, "max"),
         Method("fp8", "modelopt-entropy", "modelopt", "qdq", True, _TRT, "entropy"),
     )

@@ -253,14 +253,19 @@ def weight_only_nbits(
     bits: int,
     block_size: int = NBITS_BLOCK,
     accuracy_level: int = NBITS_ACCURACY_LEVEL,
+    dequantize_blocks: bool = False,
 ) -> None:
     """``MatMulNBits`` (round-to-nearest, symmetric) for ``nodes``; other MatMuls stay.
 
     ``accuracy_level`` is the lowest precision ONNX Runtime may compute in: 0 dequantises
     the weights and multiplies in float32, 4 quantises activations to int8 per block and
     multiplies in integers. Which is faster depends on the CPU (device profiles say).
+    ``dequantize_blocks``: the same weights as INT4 ``DequantizeLinear`` blocks (opset 21,
+    ``block_size`` along the input dimension) feeding a standard MatMul, which TensorRT
+    parses as weight-only INT4 and ONNX Runtime runs too.
     """
     import onnx
+    from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(prepared), load_external_data=True)
@@ -278,6 +283,8 @@ def weight_only_nbits(
             accuracy_level=accuracy_level,
             nodes_to_exclude=others,
             nodes_to_include=nodes,
+            quant_format=QuantFormat.QDQ if dequantize_blocks else QuantFormat.QOperator,
+            op_types_to_quantize=("MatMul",),
         )
         quantizer.process()
     save_model(quantizer.model.model, out)

@@ -189,10 +189,11 @@ def _quantize_graph(method, prepared: Path, out: Path, nodes, calibration,
                                       accuracy_level=accuracy_level)
         return {"experts": "QMoE per-row", "other_linear_layers": "MatMulNBits",
                 "accuracy_level": accuracy_level}
-    if method.format == "nbits":
+    if method.format in ("nbits", "dq"):
         ort_backend.weight_only_nbits(prepared, out, nodes, bits,
-                                      accuracy_level=accuracy_level)
-        return {"accuracy_level": accuracy_level}
+                                      accuracy_level=accuracy_level,
+                                      dequantize_blocks=method.format == "dq")
+        return {"accuracy_level": accuracy_level} if method.format == "nbits" else {}
     else:
         ort_backend.int8_qdq(prepared, out, nodes, states, batch, method.backend_method,
                              progress=job.report)
@@ -280,7 +281,7 @@ def _graph_fields(tmp: Path, method, manifest: dict, backend_report: dict) -> di
     compatibility = lint_artifact(tmp, manifest)
     errors = [f for f in compatibility["findings"]
               if f["severity"] == "error" and f["op"] not in inherited]
-    if method.format == "qdq" and errors:
+    if method.format in ("qdq", "dq") and errors:
         raise DllmExportError(
             f"the {method.key} {errors[0]['graph']} graph fails check-trt "
             f"({errors[0]['node']}: {errors[0]['reason']}); this is a bug, please report it"
