@@ -1,6 +1,6 @@
 """The checkpoints shipped in ``dllm_export/data`` (docs/default-model.md).
 
-All three were trained on this project's tasks (``eval/tasks.py``), so task accuracy is
+All four were trained on this project's tasks (``eval/tasks.py``), so task accuracy is
 their quality measure: calibration draws its states from those tasks for them, and
 ``profile --quality auto`` scores them.
 
@@ -10,6 +10,9 @@ their quality measure: calibration draws its states from those tasks for them, a
 - ``ar-base``: that model before its conversion (the autoregressive baseline).
 - ``llada-moe-tasks``: an earlier masked-diffusion model in the LLaDA-MoE format, the
   shipped model for the masked-diffusion cache modes (``--cache``).
+- ``diffusion-gemma-tasks``: a small DiffusionGemma in the published layout, trained on
+  the tasks with uniform-noise block diffusion and self-conditioning
+  (``scripts/train_diffusion_gemma.py``): what its quantisation and gate are judged on.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ DATA = Path(__file__).resolve().parent / "data"
 DEFAULT_MODEL = DATA / "default-model"
 AR_BASE = DATA / "ar-base"
 LLADA_MOE_TASKS = DATA / "llada-moe-tasks"
-SHIPPED = (DEFAULT_MODEL, AR_BASE, LLADA_MOE_TASKS)
+DIFFUSION_GEMMA_TASKS = DATA / "diffusion-gemma-tasks"
+SHIPPED = (DEFAULT_MODEL, AR_BASE, LLADA_MOE_TASKS, DIFFUSION_GEMMA_TASKS)
 
 
 @lru_cache(maxsize=1)
