@@ -492,7 +492,6 @@ def test_plan_answers_for_the_artifact_as_for_its_checkpoint(exported, checkpoin
 
 @pytest.mark.parametrize("stage, extra", [
     ("build", ["--profile", "jetson-agx-orin-64gb", "-o", "{out}"]),
-    ("quantize", ["-o", "{out}", "--precision", "int8"]),
     ("eval", []),
     ("profile", ["--profile", "cpu", "-o", "{out}"]),
     ("serve", ["--port", "8765"]),
@@ -549,3 +548,170 @@ def test_export_validates_shares_one_weights_file_and_validate_reruns_it(exporte
     assert again.exit_code != 0 and "already exists; choose another path or pass " \
         "--overwrite" in again.output
 
+
+# ---------------------------------------------------------------- quantisation
+
+
+def test_gate_phases_split_each_canvas_in_thirds():
+    from dllm_export.calibration.diffusion_gemma import _phases
+
+    steps = [0, 1, 2, 0, 1, 2, 3, 4, 5, 0]
+    assert _phases([{"step": s} for s in steps]) == [0, 1, 2, 0, 0, 1, 1, 2, 2, 0]
+
+
+@pytest.fixture(scope="module")
+def trained_export(tmp_path_factory):
+    """The shipped task-trained DiffusionGemma, exported for batch 1 with room for the
+    held-out prompts and two canvases."""
+    from dllm_export.export.diffusion_gemma import export_graphs
+    from dllm_export.shipped import DIFFUSION_GEMMA_TASKS
+
+    directory = tmp_path_factory.mktemp("dgemma-trained") / "artifact"
+    export_graphs(DIFFUSION_GEMMA_TASKS, directory, batch=1, prompt_length=40,
+                  capacity=40 + 2 * CANVAS)
+    return directory
+
+
+QUANTIZED = {  # name: QuantizeOptions fields
+    "int8": {"precision": "int8"},  # Q/DQ, calibrated on the sampler's states
+    "int4": {"precision": "int4"},  # MatMulNBits (ONNX Runtime)
+    "int4-orin": {"precision": "int4", "profile": "jetson-agx-orin-64gb"},  # DequantizeLinear
+}
+
+
+@pytest.fixture(scope="module")
+def quantized(trained_export, tmp_path_factory):
+    """The trained model quantised each way of ``QUANTIZED``, each behind the gate."""
+    from dllm_export.calibration.quantize import QuantizeOptions, quantize_artifact
+
+    root, made = tmp_path_factory.mktemp("dgemma-quantized"), {}
+
+    def get(name):
+        if name not in made:
+            made[name] = (root / name, quantize_artifact(trained_export, root / name,
+                                                         QuantizeOptions(**QUANTIZED[name])))
+        return made[name]
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(QUANTIZED))
+def test_quantisation_passes_its_gate_on_the_trained_model(quantized, trained_export, name):
+    """Every graph quantised (Q/DQ that ONNX Runtime fuses into integer kernels,
+    MatMulNBits blocks, or for a TensorRT profile INT4 DequantizeLinear blocks that
+    check-trt passes) but the routers and the tied embedding; the gate compared the
+    denoising steps in lockstep and the generations and judged task accuracy; the
+    artifact then decodes behind the Generator."""
+    import onnx
+
+    from dllm_export.calibration.gate import DEFAULT_BARS
+    from dllm_export.export.trt_lint import check_trt
+    from dllm_export.runtime import Generator
+
+    directory, manifest = quantized(name)
+    precision = QUANTIZED[name]["precision"]
+    assert manifest["valid"] is True and manifest["precision"] == precision
+    gate = manifest["quality_gate"]
+    assert gate["passed"] and [c["name"] for c in gate["checks"]] == [
+        "denoising argmax agreement (worst third of the steps)", "generation token agreement",
+        "task accuracy drop"]
+    bars = DEFAULT_BARS[precision]
+    values = {c["name"]: c for c in gate["checks"]}
+    assert values["generation token agreement"]["value"] >= bars.min_generation_agreement
+    task = values["task accuracy drop"]
+    assert task["judged"] is True and task["float"] >= 0.1  # learnt something (random: 0)
+    assert set(gate["report"]["by_phase"]) == {"early", "middle", "late"}
+    quant = manifest["quantization"]
+    for graph in ("prefill", "commit", "decoder"):
+        selected, kernels = quant["graphs"][graph], quant["kernels"][graph]
+        assert all(reason in ("router", "decode head") for reason in selected["excluded"].values())
+        assert sum(r == "router" for r in selected["excluded"].values()) >= 3
+        if name == "int4-orin":  # standard MatMuls after INT4 DequantizeLinear blocks,
+            # which ONNX Runtime's optimiser fuses back into MatMulNBits
+            model = onnx.load(str(directory / f"{graph}.onnx"), load_external_data=False)
+            blocks = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+            assert len(blocks) == selected["quantized"]
+            assert not {n.op_type for n in model.graph.node} & {"MatMulNBits", "QLinearMatMul"}
+            assert not [f for f in check_trt(directory / f"{graph}.onnx")
+                        if f.severity == "error"], graph
+        fast = kernels["integer"] if precision == "int8" else kernels["weight_only"]
+        assert fast == selected["quantized"], (graph, kernels)
+    assert any("embed_tokens" in name or name == "node_matmul"
+               for name in quant["graphs"]["decoder"]["excluded"])
+    assert quant["method"] == {"int8": "minmax", "int4": "nbits", "int4-orin": "ort-dq"}[name]
+    assert ("jetson-agx-orin-64gb" in quant["runs_on"]) == (name != "int4")
+    if precision == "int8":
+        assert quant["calibration"]["source"] == "tasks"
+        assert quant["calibration"]["kept"]["decoder"] == 32
+    size = sum(f.stat().st_size for f in directory.glob("*.data"))
+    float_size = sum(f.stat().st_size for f in trained_export.glob("*.data"))
+    assert size < (0.4 if precision == "int8" else 0.3) * float_size
+    out = Generator.from_artifact(directory, threads=1).generate("Add 12 and 30.", chat=True)
+    assert out.forwards >= 1
+
+
+@pytest.mark.slow
+def test_calibration_records_the_sampler_s_own_denoising_states(trained_export):
+    """What calibration feeds the decoder is what the sampler runs: canvases of random
+    tokens at a canvas's first step, its temperatures, a zero signal first and soft
+    embeddings after; the encoder graphs get the prompt and the committed canvases."""
+    from dllm_export.calibration.diffusion_gemma import RecordingSteps, _generate
+    from dllm_export.jsonio import read_json
+    from dllm_export.runtime.diffusion_gemma import GemmaGenerator
+    from dllm_export.runtime.tokenizer import TextTokenizer
+
+    manifest = read_json(trained_export / "manifest.json")
+    steps = RecordingSteps(trained_export, threads=1, manifest=manifest, keep=10_000)
+    generator = GemmaGenerator(steps, TextTokenizer(trained_export), manifest)
+    ids = generator.tokenizer.format_prompt("Reverse the words: sun moon star", True)
+    _generate(generator, ids, seed=0)
+    decoder = steps.kept["decoder"]
+    assert len(decoder) == steps.seen["decoder"] >= 2
+    temperatures = [float(f["temperature"][0]) for f in decoder]
+    defaults = manifest["generation_defaults"]
+    low, high = np.float32(defaults["t_min"]), np.float32(defaults["t_max"])  # as fed
+    assert all(low <= t <= high for t in temperatures)
+    assert temperatures[0] == max(temperatures) and len(set(temperatures)) > 1
+    zero = [not f["signal"].any() for f in decoder]
+    assert zero[0] and not all(zero)
+    assert steps.kept["prefill"][0]["input_ids"][0, :len(ids)].tolist() == ids
+    few = RecordingSteps(trained_export, threads=1, manifest=manifest, keep=3)
+    _generate(GemmaGenerator(few, generator.tokenizer, manifest), ids, seed=0)
+    assert len(few.kept["decoder"]) == 3 and few.seen["decoder"] == len(decoder)
+
+
+@pytest.mark.slow
+def test_the_gate_refuses_a_model_below_its_bar(exported, tmp_path):
+    """The random tiny model predicts every token with about the same probability (mean
+    entropy near log V): its argmax moves with any rounding, and the gate refuses its INT8
+    candidate in one line, writing the artifact marked invalid."""
+    from dllm_export.calibration.quantize import QuantizeOptions, quantize_artifact
+    from dllm_export.jsonio import read_json
+
+    out = tmp_path / "int8"
+    with pytest.raises(DllmExportError, match=r"quality gate failed \(denoising argmax "
+                                              r"agreement \(worst third of the steps\)"):
+        quantize_artifact(exported, out, QuantizeOptions(precision="int8", samples=8,
+                                                         gate_samples=4))
+    manifest = read_json(out / "manifest.json")
+    assert manifest["valid"] is False
+    assert manifest["quality_gate"]["report"]["mean_entropy_float"] > 0.95 * np.log(
+        manifest["vocab_size"])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"precision": "fp8"}, "--method modelopt-max: a DiffusionGemma artifact quantises with "
+                           "ONNX Runtime's Q/DQ"),
+    ({"precision": "int4", "method": "qmoe"}, "--method qmoe: a DiffusionGemma artifact"),
+    ({"precision": "int8", "exclude": ("*",)}, "--exclude left no linear layer of the "
+                                               "prefill graph"),
+    ({"precision": "int4", "method": "nbits", "profile": "jetson-agx-thor"},
+     "--method nbits writes a nbits graph, which tensorrt cannot run"),
+])
+def test_quantize_refuses_what_it_cannot_do_in_one_line(exported, tmp_path, options, message):
+    from dllm_export.calibration.quantize import QuantizeOptions, quantize_artifact
+
+    out = tmp_path / "out"
+    with pytest.raises(DllmExportError, match=message.replace("(", r"\(")):
+        quantize_artifact(exported, out, QuantizeOptions(gate=False, samples=1, **options))
+    assert not out.exists()

@@ -53,6 +53,13 @@ class QuantizeOptions:
     overwrite: bool = False
 
 
+def _family(artifact_dir: Path) -> str | None:
+    from dllm_export.jsonio import read_json
+
+    path = artifact_dir / "manifest.json"
+    return read_json(path).get("family") if path.is_file() else None
+
+
 def _check_source(artifact_dir: Path, manifest: dict) -> None:
     if manifest.get("kind") != "onnx":
         raise DllmExportError(
@@ -417,6 +424,10 @@ def quantize_artifact(
 
     report = report or (lambda stage, detail="": None)
     artifact_dir, out_dir = Path(artifact_dir), Path(out_dir)
+    if _family(artifact_dir) == "diffusion-gemma":  # its own graphs, states and gate
+        from dllm_export.calibration.diffusion_gemma import quantize_gemma
+
+        return quantize_gemma(artifact_dir, out_dir, options, report)
     calib_path = Path(options.calib) if options.calib and Path(options.calib).exists() else None
     check_output(out_dir, (artifact_dir, calib_path), options.overwrite)
     if options.samples < 1:

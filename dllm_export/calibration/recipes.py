@@ -17,7 +17,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
-ROUTER_PATTERNS = ("*.mlp.gate/*", "*router*")
+ROUTER_PATTERNS = ("*.mlp.gate/*", "*.moe.gate.*", "*router*")
 LINEAR_OPS = ("MatMul", "Gemm")
 
 
@@ -26,6 +26,9 @@ class Recipe:
     exclude: tuple[str, ...] = ()
     quantize_router: bool = False
     quantize_head: bool = False
+    # node-name patterns of the decode head; None: the last linear layer (a graph whose
+    # head is not last, or that has none, names it: DiffusionGemma's encoder graphs)
+    head: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -47,13 +50,15 @@ def linear_nodes(model) -> list:
 def select_nodes(model, recipe: Recipe) -> Selection:
     """Split the linear layers of ``model`` into quantised and excluded (with reasons)."""
     nodes = linear_nodes(model)
-    head = nodes[-1].name if nodes else None
+    last = nodes[-1].name if nodes else None
     selection = Selection()
     for node in nodes:
         reason = None
+        is_head = (node.name == last if recipe.head is None
+                   else _matches(node, recipe.head) or _matches_weight(node, recipe.head))
         if not recipe.quantize_router and _matches(node, ROUTER_PATTERNS):
             reason = "router"
-        elif node.name == head and not recipe.quantize_head:
+        elif is_head and not recipe.quantize_head:
             reason = "decode head"
         elif _matches(node, recipe.exclude):
             reason = "--exclude"
@@ -62,6 +67,10 @@ def select_nodes(model, recipe: Recipe) -> Selection:
         else:
             selection.quantize.append(node.name)
     return selection
+
+
+def _matches_weight(node, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(node.input[1], p) for p in patterns)
 
 
 def _matches(node, patterns) -> bool:

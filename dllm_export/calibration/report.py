@@ -20,7 +20,13 @@ def print_quantization(out_dir, manifest: dict, console) -> None:
             f"{counts['linear_layers']} linear layers ({ops})"
         )
     calibration = quant.get("calibration")
-    if calibration:
+    if calibration and "kept" in calibration:  # DiffusionGemma's own denoising states
+        console.print(
+            f"calibration: {calibration['prompts']} generations from {calibration['source']}, "
+            + ", ".join(f"{graph} {kept} of {calibration['seen'][graph]}"
+                        for graph, kept in calibration["kept"].items())
+            + " states kept")
+    elif calibration:
         histogram = calibration["mask_ratio_histogram"]
         console.print(
             f"calibration: {calibration['states']} states from "
@@ -55,5 +61,9 @@ def print_quantization(out_dir, manifest: dict, console) -> None:
                 "yes" if check["passed"] else "[red]no[/]",
             )
         console.print(table)
+        phases = gate.get("report", {}).get("by_phase")
+        if phases:  # DiffusionGemma's lockstep run
+            console.print("denoising steps, argmax / sample agreement: " + ", ".join(
+                f"{phase} {v['argmax']:.3f} / {v['sample']:.3f}" for phase, v in phases.items()))
     console.print(f"runs on: {', '.join(quant['runs_on']) or 'no shipped profile'}")
     console.print(f"[bold green]{out_dir}[/] valid={manifest['valid']}")

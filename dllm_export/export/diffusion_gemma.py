@@ -280,7 +280,7 @@ def validate_graphs(model, directory, manifest: dict, seed: int = 0, threads: in
         start += canvas
     tokens = rng.integers(0, vocab, (batch, canvas))
     signals, decoder = (None, None), []
-    for step in range(2):
+    for _ in range(2):
         uniform = rng.random((batch, canvas), dtype=np.float32)
         a = reference.denoise(tokens, start, 0.7, signals[0], uniform)
         b = ours.denoise(tokens, start, 0.7, signals[1], uniform)
