@@ -121,30 +121,9 @@ def denoise_loss(model, prompts, lengths, targets, generator, self_condition: bo
 def state_dict_in_checkpoint_names(model, config: dict) -> dict:
     """The model's parameters under the checkpoint's names (``router.*``, stacked experts),
     plus the vision tower's stored tensors (zeros: this family never reads them)."""
-    args = model.args
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    out = {}
-    for name, tensor in state.items():
-        prefix, found, rest = name.partition(".moe.gate.")
-        if found:
-            out[f"{prefix}.router.{rest}"] = tensor
-            continue
-        prefix, found, rest = name.partition(".moe.experts.")
-        if not found:
-            out[name] = tensor
-            continue
-        index, leaf = rest.split(".")[:2]
-        if index != "0" or leaf == "up_proj":
-            continue
-        experts = range(args.num_experts)
-        if leaf == "gate_proj":
-            out[f"{prefix}.experts.gate_up_proj"] = torch.stack([torch.cat((
-                state[f"{prefix}.moe.experts.{j}.gate_proj.weight"],
-                state[f"{prefix}.moe.experts.{j}.up_proj.weight"])) for j in experts])
-        else:
-            out[f"{prefix}.experts.down_proj"] = torch.stack(
-                [state[f"{prefix}.moe.experts.{j}.down_proj.weight"] for j in experts])
-    for name, shape in dg.unused_shapes(config, args).items():
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out = dg.stack_state(state, model.args)
+    for name, shape in dg.unused_shapes(config, model.args).items():
         out[name] = torch.zeros(shape)
     return out
 

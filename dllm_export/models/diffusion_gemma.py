@@ -552,25 +552,36 @@ def vision_shapes(vision: dict, text_hidden: int) -> dict:
 
 def stack(shapes: dict, args: ModelArgs) -> dict:
     """The checkpoint's tensor shapes from the model's (``make-tiny``): router names and
-    the experts stacked."""
+    the experts stacked (``stack_state`` on meta tensors)."""
+    meta = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+    return {name: tuple(t.shape) for name, t in stack_state(meta, args).items()}
+
+
+def stack_state(state: dict, args: ModelArgs) -> dict:
+    """A state dict of this model in the checkpoint's layout: ``moe.gate`` as ``router``,
+    the per-expert weights stacked as ``experts.gate_up_proj`` [E, 2I, D] and
+    ``experts.down_proj`` [E, D, I]."""
     out = {}
-    for name, shape in shapes.items():
+    for name, tensor in state.items():
         prefix, found, rest = name.partition(".moe.gate.")
         if found:
-            out[f"{prefix}.router.{rest}"] = shape
+            out[f"{prefix}.router.{rest}"] = tensor.detach()
             continue
         prefix, found, rest = name.partition(".moe.experts.")
         if not found:
-            out[name] = shape
+            out[name] = tensor.detach()
             continue
         index, leaf = rest.split(".")[:2]
-        if index != "0":
+        if index != "0" or leaf == "up_proj":
             continue
-        hidden, inner = args.hidden_size, args.moe_intermediate_size
+        experts = [f"{prefix}.moe.experts.{j}" for j in range(args.num_experts)]
         if leaf == "gate_proj":
-            out[f"{prefix}.experts.gate_up_proj"] = (args.num_experts, 2 * inner, hidden)
-        elif leaf == "down_proj":
-            out[f"{prefix}.experts.down_proj"] = (args.num_experts, hidden, inner)
+            out[f"{prefix}.experts.gate_up_proj"] = torch.stack([torch.cat((
+                state[f"{e}.gate_proj.weight"], state[f"{e}.up_proj.weight"])).detach()
+                for e in experts])
+        else:
+            out[f"{prefix}.experts.down_proj"] = torch.stack(
+                [state[f"{e}.down_proj.weight"].detach() for e in experts])
     return out
 
 
