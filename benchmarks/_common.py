@@ -35,8 +35,51 @@ def timed(fn, warmup: int = 3, repeats: int = 20) -> dict:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process's own memory since it started.
+
+    Linux's ``ru_maxrss`` is no measure of a worker: at ``exec`` the kernel keeps the
+    high-water mark of the memory the process had before it (``exec_mmap``), and a forked
+    child starts with a copy of its parent's, so a worker started by a 1.2 GB benchmark
+    reports at least 1.2 GB. ``VmHWM`` in ``/proc/self/status`` is the high-water mark of
+    the process's current memory only. Elsewhere: ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+# Starts a program from a small process and reports its rusage: what ``ru_maxrss`` of a
+# program started from this (large) process would report includes this process's memory.
+_LAUNCHER = """import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    json.dump({"returncode": os.waitstatus_to_exitcode(status),
+               "peak_rss": usage.ru_maxrss * 1024}, out)
+"""
+
+
+def run_program(command: list[str], env: dict | None = None) -> dict:
+    """Run a program in its own process: returncode, stdout, stderr (bytes), wall seconds
+    and its own peak RSS (started from a small launcher, see ``_LAUNCHER``)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dllm-bench-") as scratch:
+        report = Path(scratch) / "rusage.json"
+        started = time.perf_counter()
+        got = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, str(report), *command],
+                             capture_output=True, env=env)
+        wall = time.perf_counter() - started
+        measured = json.loads(report.read_text())
+    return {**measured, "stdout": got.stdout, "stderr": got.stderr, "wall_seconds": wall}
 
 
 def current_rss_bytes() -> int:
