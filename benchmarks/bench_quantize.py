@@ -75,7 +75,7 @@ def size_mb(directory: Path) -> float:
 
 
 def make_artifact(work: Path, family: str, one_b: bool, seq_len: int) -> Path:
-    from dllm_export.export.onnx import ExportOptions, export_model
+    from dllm_export.export.onnx import DEFAULT_MOE, ExportOptions, export_model
     from dllm_export.models.tiny import make_tiny
 
     if one_b:
@@ -91,7 +91,7 @@ def make_artifact(work: Path, family: str, one_b: bool, seq_len: int) -> Path:
     artifact = work / f"{checkpoint.name}{'-dense' if moe else ''}-{seq_len}"
     if not (artifact / "manifest.json").is_file():
         export_model(checkpoint, artifact,
-                     ExportOptions(seq_len=seq_len, moe="dense" if moe else None,
+                     ExportOptions(seq_len=seq_len, moe="dense" if moe else DEFAULT_MOE,
                                    validate=not one_b, overwrite=True))
     return artifact
 

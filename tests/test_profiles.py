@@ -20,7 +20,7 @@ from dllm_export.precision import check_precision, peak_key
 SHIPPED = {
     "jetson-orin-nano-8gb", "jetson-orin-nano-8gb-super", "jetson-orin-nx-16gb",
     "jetson-agx-orin-64gb", "jetson-agx-thor", "rtx-3090", "rtx-4090", "rtx-5090", "l4",
-    "a100-80gb", "h100-sxm", "h200", "cpu",
+    "a100-80gb", "h100-sxm", "h200", "cpu", "cpu-vnni",
 }
 
 
@@ -55,6 +55,10 @@ def test_the_cpu_profile_records_its_measured_nbits_accuracy_level():
     # bench_quantize on this VM: level 0 (fp32 arithmetic) beat level 4 (int8) for INT4
     assert cpu.nbits_accuracy_level == 0
     assert cpu.sources["quantization.nbits_accuracy_level"].startswith("measured:")
+    # ... and on a VNNI CPU int8 arithmetic (level 4) was the faster one
+    assert profiles["cpu-vnni"].nbits_accuracy_level == 4
+    assert profiles["cpu-vnni"].sources["quantization.nbits_accuracy_level"].startswith(
+        "measured:")
     # GPU profiles run no MatMulNBits artifact: they name no level
     assert profiles["h200"].nbits_accuracy_level is None
 
