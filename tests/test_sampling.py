@@ -8,7 +8,7 @@ import pytest
 import reference_samplers as ref
 import torch
 
-from dllm_export.models.head import DecodeHead
+from dllm_export.models.head import HEAD_ROWS, DecodeHead
 from dllm_export.runtime import sampling
 from dllm_export.runtime.prediction import log_softmax, summarize_logits
 
@@ -78,6 +78,19 @@ def test_summarize_logits_matches_decode_head(k):
     np.testing.assert_allclose(got.neg_entropy, neg_entropy.numpy(), rtol=0, atol=4e-6)
     np.testing.assert_allclose(got.special_logprobs, special.numpy(), rtol=0, atol=4e-6)
     np.testing.assert_array_equal(got.special(EOT), got.special_logprobs[..., 1])
+
+
+@pytest.mark.parametrize("rows", [HEAD_ROWS - 1, HEAD_ROWS, 2 * HEAD_ROWS + 5])
+def test_the_head_over_chunks_of_rows_is_the_head_over_the_whole_canvas(rows):
+    """The exported head runs over chunks of HEAD_ROWS rows (peak memory); each row's
+    outputs are bit for bit those of the head over every row at once."""
+    logits = torch.from_numpy(random_logits(4, shape=(2, rows, VOCAB), scale=4.0))
+    head = DecodeHead(8, SPECIAL)
+    with torch.no_grad():
+        chunked, whole = head(logits), head.summarize(logits)
+    for got, want in zip(chunked, whole, strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("excluded", [[], [EOS], [EOT], [EOS, EOT], [EOS, EOS]])

@@ -147,7 +147,20 @@ def write_logits_graph(src, dst) -> None:
     head = [n for n in model.graph.node if n.op_type == "LogSoftmax"]
     if not head:
         raise ValueError(f"{src}: no decode head (LogSoftmax) found")
-    logits = head[-1].input[0]
-    model.graph.node.append(helper.make_node("Identity", [logits], ["logits"], name="logits_output"))
+    # the head runs over chunks of rows (models/head.py): each chunk's LogSoftmax reads a
+    # Slice of the canvas' logits (a float Cast may sit on either side of it)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    logits, cast, sliced = head[0].input[0], False, False
+    while (node := producers.get(logits)) is not None and (
+            node.op_type == "Cast" or (node.op_type == "Slice" and not sliced)):
+        cast |= node.op_type == "Cast"
+        sliced |= node.op_type == "Slice"
+        logits = node.input[0]
+    if not sliced:
+        logits, cast = head[-1].input[0], False
+    model.graph.node.append(
+        helper.make_node("Cast", [logits], ["logits"], name="logits_output",
+                         to=onnx.TensorProto.FLOAT) if cast else
+        helper.make_node("Identity", [logits], ["logits"], name="logits_output"))
     model.graph.output.append(helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None))
     onnx.save(model, str(dst))

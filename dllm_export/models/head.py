@@ -13,6 +13,12 @@ from torch import nn
 from dllm_export.models.layers import KVCache
 
 ENTROPY_EPS = 1e-10
+# Canvas rows per decode-head chunk. The head's float32 intermediates are [rows, vocab] each
+# (log-probabilities, probabilities, their product); computed over chunks of rows, in turn,
+# ONNX Runtime's memory planner reuses one chunk's buffers for the next, so a large
+# vocabulary's canvas holds a few [HEAD_ROWS, vocab] tensors at a time instead of several
+# [L, vocab] ones (docs/performance.md, "Peak memory"). Each row's outputs are the same.
+HEAD_ROWS = 32
 
 
 class DecodeHead(nn.Module):
@@ -22,6 +28,15 @@ class DecodeHead(nn.Module):
         self.special_ids = tuple(special_ids)
 
     def forward(self, logits: torch.Tensor):
+        if logits.shape[-2] <= HEAD_ROWS:
+            return self.summarize(logits)
+        rows = logits.shape[-2]  # sliced one chunk at a time (a Split would make every chunk at once)
+        chunks = [self.summarize(logits[..., start:min(start + HEAD_ROWS, rows), :])
+                  for start in range(0, rows, HEAD_ROWS)]
+        return tuple(torch.cat(outputs, dim=-2 if outputs[0].dim() == logits.dim() else -1)
+                     for outputs in zip(*chunks, strict=True))
+
+    def summarize(self, logits: torch.Tensor):
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         topk_logprobs, topk_ids = torch.topk(logprobs, self.k, dim=-1, sorted=True)
         probs = logprobs.exp()
