@@ -388,14 +388,18 @@ def check_trt(onnx_path, as_json):
 @click.option("--provider", default="cpu", show_default=True,
               type=click.Choice(["cpu", "cuda", "tensorrt"]), help="ONNX Runtime provider.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads (default: all cores).")
+@click.option("--memory", default="fast", show_default=True, type=click.Choice(["fast", "lean"]),
+              help="ONNX Runtime weights: a pre-packed copy per graph (fast), or one shared "
+                   "memory-mapped copy (lean: least memory, slower cached steps).")
 @prompt_options
 @user_errors
-def run(artifact_dir, prompt, chat, provider, threads, show_steps, truncate, **kwargs):
+def run(artifact_dir, prompt, chat, provider, threads, memory, show_steps, truncate, **kwargs):
     """Generate from an exported artifact or engine (no torch needed)."""
     from dllm_export.runtime import Generator
 
     overrides = _sampler_overrides(kwargs)
-    generator = Generator.from_artifact(artifact_dir, provider=provider, threads=threads)
+    generator = Generator.from_artifact(artifact_dir, provider=provider, threads=threads,
+                                        memory=memory)
     _print_generation(generator, prompt, chat, show_steps, truncate, overrides)
 
 

@@ -292,7 +292,7 @@ def test_open_backend_dispatches_on_kind(tmp_path, monkeypatch, no_tensorrt):
     seen = {}
 
     class FakeOrt:
-        def __init__(self, directory, manifest, provider="cpu", threads=None):
+        def __init__(self, directory, manifest, provider="cpu", threads=None, memory="fast"):
             seen.update(directory=directory, provider=provider, threads=threads)
 
     monkeypatch.setattr(ort_backend, "OrtBackend", FakeOrt)

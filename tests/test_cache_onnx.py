@@ -176,3 +176,67 @@ def test_a_graph_that_does_not_match_its_spec_is_refused(artifact, tmp_path):
     with pytest.raises(DllmExportError, match=r"step.onnx: input 'input_ids' is \[1, 8\] in "
                                               r"the graph but \[1, 9\] in manifest.json"):
         backend.cached_step(rows, rows, mask)
+
+
+@pytest.mark.parametrize("family", ["llada", "llada-moe"])
+def test_lean_memory_maps_the_weights_once_and_commits_the_same_tokens(family, artifact,
+                                                                       tiny_dir):
+    """--memory lean: every graph's external weights are one memory map's arrays (one
+    OrtValue per tensor, whatever the number of graphs), nothing is pre-packed, and the
+    tokens are the fast mode's in every cache mode (fp32 sums in another order: the
+    log-probabilities agree to 1e-5)."""
+    import onnx
+
+    torch_gen, fast, manifest = _backends(family, artifact, tiny_dir)
+    lean = OrtBackend(artifact(family), manifest, memory="lean")
+    entry = families.family(family)
+    for mode in ("none", *MODES[family]):
+        config = SamplerConfig(algorithm="llada", cache=mode, early_exit=False,
+                               **CASES["schedule"])
+        want = denoise(fast, [_prompt()], config, torch_gen.special, family=entry)
+        got = denoise(lean, [_prompt()], config, torch_gen.special, family=entry)
+        assert got.sequences.tolist() == want.sequences.tolist(), mode
+    canvas = np.array([_prompt() + [torch_gen.special.mask_id] * GEN])
+    ones = np.ones_like(canvas)
+    np.testing.assert_allclose(lean.predict(canvas, ones).topk_logprobs,
+                               fast.predict(canvas, ones).topk_logprobs, rtol=0, atol=1e-5)
+    directory = artifact(family)
+    weights = {}  # the fp32 graphs' matrices: what matrix products and gathers read
+    for graph in ("model", *(spec.file.removesuffix(".onnx") for spec in lean.graphs.values())):
+        model = onnx.load(str(directory / f"{graph}.onnx"), load_external_data=False)
+        read = {name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Gather",
+                                                                "GatherND") for name in n.input}
+        for tensor in model.graph.initializer:
+            entry = {e.key: e.value for e in tensor.external_data}
+            if entry and tensor.name in read:
+                weights[int(entry["offset"])] = int(entry["length"])
+    assert list(lean.weights.files) == ["model.onnx.data"]
+    assert sorted(offset for _, offset in lean.weights.values) == sorted(weights)
+    assert sum(weights.values()) > 0.9 * (directory / "model.onnx.data").stat().st_size
+    for session in (lean.session, *lean.sessions.values()):
+        assert session.get_session_options().get_session_config_entry(
+            "session.disable_prepacking") == "1"
+
+
+def test_a_cached_generation_lets_go_of_the_canvas_graph(artifact, tiny_dir):
+    """A generation that only runs the cached graphs drops the full-canvas session it
+    opened at load (its weights are not held); a canvas forward later opens it again."""
+    torch_gen, backend, _ = _backends("llada", artifact, tiny_dir)
+    config = SamplerConfig(algorithm="llada", cache="dual", early_exit=False,
+                           **CASES["schedule"])
+    denoise(backend, [_prompt()], config, torch_gen.special)
+    assert backend._session is None and backend.canvas_runs == 0
+    canvas = np.array([_prompt() + [torch_gen.special.mask_id] * GEN])
+    again = backend.predict(canvas, np.ones_like(canvas))
+    want = torch_gen.backend.predict(canvas, np.ones_like(canvas))
+    np.testing.assert_array_equal(again.topk_ids[..., 0], want.topk_ids[..., 0])
+    assert backend._session is not None
+
+
+def test_memory_mode_is_checked(artifact):
+    manifest = json.loads((artifact("llada") / "manifest.json").read_text())
+    with pytest.raises(DllmExportError, match=r"^--memory 'small': choose one of fast, lean$"):
+        OrtBackend(artifact("llada"), manifest, memory="small")
+    got = CliRunner().invoke(main, ["run", str(artifact("llada")), "--prompt", "hi",
+                                    "--memory", "lean", "--gen-length", "8", "--steps", "8"])
+    assert got.exit_code == 0, got.output

@@ -92,8 +92,11 @@ class Generator:
                    checkpoint.family)
 
     @classmethod
-    def from_artifact(cls, artifact_dir, provider: str = "cpu", threads: int | None = None) -> "Generator":
-        """An exported artifact on ONNX Runtime, or an engine directory on TensorRT."""
+    def from_artifact(cls, artifact_dir, provider: str = "cpu", threads: int | None = None,
+                      memory: str = "fast") -> "Generator":
+        """An exported artifact on ONNX Runtime, or an engine directory on TensorRT;
+        ``memory`` "lean" shares one memory-mapped copy of the weights between the
+        artifact's ONNX Runtime graphs instead of a pre-packed copy per graph."""
         from dllm_export.jsonio import read_json
         from dllm_export.runtime.artifact import open_backend
 
@@ -102,8 +105,12 @@ class Generator:
                 "family") == "diffusion-gemma":  # its own graphs and sampler
             from dllm_export.runtime.diffusion_gemma import GemmaGenerator
 
+            if memory != "fast":
+                raise DllmExportError(f"--memory {memory}: not available for DiffusionGemma "
+                                      "artifacts yet (their graphs share weights already)")
             return GemmaGenerator.from_artifact(artifact_dir, provider=provider, threads=threads)
-        backend, manifest = open_backend(Path(artifact_dir), provider=provider, threads=threads)
+        backend, manifest = open_backend(Path(artifact_dir), provider=provider, threads=threads,
+                                         memory=memory)
         special = _special(manifest["special_tokens"])
         try:
             defaults = SamplerConfig(**manifest["generation_defaults"])

@@ -44,13 +44,16 @@ def read_manifest(directory: Path, stage: str = "this stage") -> dict:
     return manifest
 
 
-def open_backend(directory: Path, provider: str = "cpu", threads: int | None = None):
+def open_backend(directory: Path, provider: str = "cpu", threads: int | None = None,
+                 memory: str = "fast"):
     """The backend for an artifact (ONNX Runtime) or an engine directory (TensorRT).
 
     Args:
         directory: what ``export``, ``quantize`` or ``build`` wrote.
         provider: ONNX Runtime execution provider for ONNX artifacts ("cpu", ...).
         threads: ONNX Runtime intra-op threads (None: its default).
+        memory: ONNX Runtime weights, "fast" (each graph pre-packs its own) or "lean" (one
+            shared memory-mapped copy for all graphs, nothing packed).
     Returns:
         (backend, manifest)
     """
@@ -60,11 +63,15 @@ def open_backend(directory: Path, provider: str = "cpu", threads: int | None = N
     if kind == "tensorrt":
         from dllm_export.runtime.backends.tensorrt import TensorRTBackend
 
+        if memory != "fast":
+            raise DllmExportError(f"--memory {memory}: a TensorRT engine holds its own "
+                                  "weights; the option is for ONNX artifacts")
         return TensorRTBackend(directory, manifest), manifest
     if kind == "onnx":
         from dllm_export.runtime.backends.onnxruntime import OrtBackend
 
-        return OrtBackend(directory, manifest, provider=provider, threads=threads), manifest
+        return OrtBackend(directory, manifest, provider=provider, threads=threads,
+                          memory=memory), manifest
     raise DllmExportError(
         f"{directory / 'manifest.json'}: kind {kind!r} is not one this runtime opens "
         f"({', '.join(KINDS)})")

@@ -158,18 +158,113 @@ def check_session_providers(session, chain: list, what: str, fallback: bool = Fa
     return f"{line}; running on {got[0]} as allowed"
 
 
+MEMORY_MODES = ("fast", "lean")
+_ARENA = {}
+
+
+def shared_arena() -> bool:
+    """One CPU arena for every session of this process (registered once, growing by what
+    is asked rather than doubling); False where ONNX Runtime refuses it."""
+    import onnxruntime as ort
+
+    if "ok" not in _ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                                 ort.OrtMemType.DEFAULT)
+        try:  # max_mem 0 (no cap), extend strategy 1 (kSameAsRequested), defaults
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
+            _ARENA["ok"] = True
+        except Exception as err:  # registered already by the application: use that one
+            _ARENA["ok"] = "already" in str(err).lower()
+    return _ARENA["ok"]
+
+
+# The ops whose constant inputs are weights ONNX Runtime reads as they are. Only tensors
+# that feed nothing else are shared: its graph optimizers rewrite constants that feed
+# elementwise ops (ONNX Runtime 1.32's transpose optimiser changes a shared RoPE table's
+# shape and the session then fails), and those tables are small.
+WEIGHT_OPS = {"MatMul", "Gemm", "Gather", "GatherND", "MatMulNBits", "MatMulInteger",
+              "QLinearMatMul", "MatMulIntegerToFloat", "DequantizeLinear",
+              "GatherBlockQuantized", "MoE", "QMoE"}
+
+
+# Weight-only kernels that are only fast on their pre-packed weights (bench_peer_llamacpp:
+# an 8-bit MatMulNBits artifact's dual-cache generation 5.8x slower unpacked, 816 vs 757 MB).
+PACKED_ONLY = {"MatMulNBits", "QMoE"}
+
+
+class SharedWeights:
+    """An artifact's external weights, memory-mapped once and handed to every session as
+    shared initializers (ONNX Runtime neither copies nor packs them): one resident copy,
+    and only the pages a graph reads (an embedding's gathered rows, not the table)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.files, self.values = {}, {}
+
+    def initializers(self, graph: Path):
+        try:
+            import onnx
+            from onnx.helper import tensor_dtype_to_np_dtype
+        except ImportError:
+            raise DllmExportError("--memory lean reads the graph's weight table with the onnx "
+                                  "package: pip install onnx (or use --memory fast)") from None
+        model = onnx.load(str(graph), load_external_data=False)
+        packed = sorted({n.op_type for n in model.graph.node} & PACKED_ONLY)
+        if packed:
+            raise DllmExportError(
+                f"--memory lean: {graph.name} holds {', '.join(packed)} blocks, which ONNX "
+                "Runtime runs 3-6x slower unpacked (and with more memory, measured); use "
+                "--memory fast for weight-only quantised artifacts")
+        consumers = {}
+        for node in model.graph.node:  # the main graph's: subgraphs' weights are not shared
+            for name in node.input:
+                consumers.setdefault(name, set()).add(node.op_type)
+        for tensor in model.graph.initializer:
+            entry = {e.key: e.value for e in tensor.external_data}
+            if "location" not in entry or not consumers.get(tensor.name, {""}) <= WEIGHT_OPS:
+                continue
+            try:
+                dtype = np.dtype(tensor_dtype_to_np_dtype(tensor.data_type))
+            except (KeyError, TypeError):
+                continue  # a type numpy has no array for: ONNX Runtime loads it itself
+            key = (entry["location"], int(entry.get("offset", 0)))
+            if key not in self.values:
+                self.values[key] = self._value(key, dtype, tuple(tensor.dims), graph)
+            yield tensor.name, self.values[key]
+
+    def _value(self, key, dtype, shape, graph):
+        import onnxruntime as ort
+
+        location, offset = key
+        if location not in self.files:
+            path = (self.directory / location).resolve()
+            if self.directory.resolve() not in path.parents or not path.is_file():
+                raise DllmExportError(f"{graph}: external data {location!r} is not a file of "
+                                      "the artifact; re-export it")
+            self.files[location] = np.memmap(path, dtype=np.uint8, mode="r")
+        count = int(np.prod(shape, dtype=np.int64))
+        array = np.frombuffer(self.files[location], dtype=dtype, count=count,
+                              offset=offset).reshape(shape)
+        return ort.OrtValue.ortvalue_from_numpy(array)
+
+
 class OrtBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, directory: Path, manifest: dict, provider: str = "cpu",
-                 threads: int | None = None, logits: bool = False, fallback: bool = False):
+                 threads: int | None = None, logits: bool = False, fallback: bool = False,
+                 memory: str = "fast"):
         """``logits=True`` loads the graph variant that also outputs full logits (for eval,
         calibration and CFG on decode-head artifacts). ``fallback=True`` lets a session
         that lost a GPU provider run on what it got, saying so on stderr (``fell_back``);
-        otherwise that is refused."""
+        otherwise that is refused. ``memory`` (MEMORY_MODES): "fast" lets each graph's
+        session pre-pack its own copy of the weights; "lean" gives every graph one shared,
+        memory-mapped copy and packs nothing (slower block steps: docs/performance.md)."""
 
         directory = Path(directory)
         check_at_least("--threads", threads, 1, 1024)
+        if memory not in MEMORY_MODES:
+            raise DllmExportError(f"--memory {memory!r}: choose one of {', '.join(MEMORY_MODES)}")
         graph = directory / manifest["graph"]["file"]
         self.has_logits = manifest.get("outputs") == "logits"
         if logits and not self.has_logits:
@@ -183,15 +278,16 @@ class OrtBackend(Backend):
         self.directory, self.manifest = directory, manifest
         self.threads, self.provider_name = threads, provider
         self.fallback, self.fell_back = fallback, None
-        self.session = self._open(graph)
+        self.memory = memory
+        self.weights = SharedWeights(directory) if memory == "lean" else None
+        self.graph_file, self._session, self.canvas_runs = graph, None, 0
         self.provider = provider
         self.outputs = manifest.get("outputs", "decode")
         self.seq_len = manifest["shapes"]["seq_len"]
         self.batch_size = manifest["shapes"]["batch"]
         self.topk = manifest.get("topk", 8)
         self.special_ids = tuple(manifest.get("special_ids", ()))
-        self.input_names = {i.name for i in self.session.get_inputs()}
-        self._check_graph(graph)
+        self.open_canvas()  # now: a missing provider or an edited manifest fails at load
         self.graphs = contract.graph_specs(manifest, str(directory / "manifest.json"))
         self.has_cached_graphs = bool(self.graphs)
         self.sessions, self.bound = {}, {}
@@ -201,11 +297,28 @@ class OrtBackend(Backend):
         # (calibration records the states each cached graph meets); None: no copies made.
         self.on_feeds = None
 
-    def _check_graph(self, graph: Path) -> None:
+    @property
+    def session(self):
+        """The full-canvas graph's session. Dropped when the cached graphs open before it has
+        run (a cached generation need not hold its weights), and opened again if needed."""
+        return self.open_canvas()
+
+    def open_canvas(self):
+        if self._session is None:
+            session = self._open(self.graph_file)
+            self._check_graph(session, self.graph_file)
+            self._session = session
+        return self._session
+
+    @property
+    def input_names(self) -> set[str]:
+        return {i.name for i in self.session.get_inputs()}
+
+    def _check_graph(self, session, graph: Path) -> None:
         """The manifest's shapes against the graph's own (a hand-edited manifest is refused
         here, not by ONNX Runtime mid-generation)."""
-        inputs = {i.name: list(i.shape) for i in self.session.get_inputs()}
-        outputs = {o.name: list(o.shape) for o in self.session.get_outputs()}
+        inputs = {i.name: list(i.shape) for i in session.get_inputs()}
+        outputs = {o.name: list(o.shape) for o in session.get_outputs()}
         wanted = [self.batch_size, self.seq_len]
         checks = [("input input_ids", inputs.get("input_ids"), wanted, "shapes")]
         if "topk_ids" in outputs:
@@ -229,6 +342,17 @@ class OrtBackend(Backend):
         if self.threads:
             options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
+        # Measured at L=288 with a 126k vocabulary (docs/performance.md, "Peak memory"): the
+        # memory pattern's block comes on top of the first run's allocations (+250 MB) at no
+        # speed gain, and one arena for all of the process' sessions holds the largest
+        # graph's activations instead of each graph's.
+        options.enable_mem_pattern = False
+        if shared_arena():
+            options.add_session_config_entry("session.use_env_allocators", "1")
+        if self.weights is not None:
+            options.add_session_config_entry("session.disable_prepacking", "1")
+            for name, value in self.weights.initializers(graph):
+                options.add_initializer(name, value)
         chain = provider_list(self.provider_name, self.directory, self.manifest)
         try:
             session = ort.InferenceSession(str(graph), options, providers=chain)
@@ -252,6 +376,7 @@ class OrtBackend(Backend):
         if self.outputs == "logits":  # a logits-only artifact: summarise here
             logits = self._run_logits(input_ids, attention_mask)
             return summarize_logits(logits, self.topk, self.special_ids)
+        self.canvas_runs += 1
         ids, logprobs, entropy, special = self.session.run(
             list(contract.DECODE_OUTPUTS), self._feeds(input_ids, attention_mask))
         self.bytes_moved["outputs"] += ids.nbytes + logprobs.nbytes + entropy.nbytes + special.nbytes
@@ -260,6 +385,7 @@ class OrtBackend(Backend):
     def _run_logits(self, input_ids, attention_mask):
         if not self.has_logits:
             return super()._run_logits(input_ids, attention_mask)
+        self.canvas_runs += 1
         return self.session.run(["logits"], self._feeds(input_ids, attention_mask))[0]
 
     # --------------------------------------------------------------- cached graphs
@@ -287,6 +413,8 @@ class OrtBackend(Backend):
 
         if name not in self.bound:
             spec = self.graphs[name]
+            if not self.canvas_runs:
+                self._session = None
             session = self.sessions.get(name) or self._open(self.directory / spec.file)
             self.sessions[name] = session
             found = {i.name: list(i.shape) for i in session.get_inputs()}
