@@ -680,6 +680,8 @@ def profile_command(target, profile_name, backend, prompts_file, chat, sweeps, r
 @click.option("--exclude", multiple=True, help="Keep nodes matching this name pattern "
               "(fnmatch) or op type in high precision; repeatable.")
 @click.option("--quantize-router", is_flag=True, help="Quantise MoE routers too.")
+@click.option("--quantize-head", is_flag=True, help="Quantise the decode head too (as "
+              "llama.cpp's q8_0 does; the gate judges it with the rest).")
 @click.option("--profile", "profile_name", default=None,
               help="Target device profile: refuses precisions it lacks, picks the format.")
 @click.option("--min-agreement", type=float, default=None,
@@ -696,8 +698,8 @@ def profile_command(target, profile_name, backend, prompts_file, chat, sweeps, r
 @click.option("--overwrite", is_flag=True)
 @user_errors
 def quantize(artifact_dir, out_dir, precision, method, calib, samples, calib_mode, exclude,
-             quantize_router, profile_name, min_agreement, max_elbo_increase, max_task_drop,
-             min_generation_agreement, no_gate, install_modelopt, overwrite):
+             quantize_router, quantize_head, profile_name, min_agreement, max_elbo_increase,
+             max_task_drop, min_generation_agreement, no_gate, install_modelopt, overwrite):
     """Quantise an fp32 artifact (INT8, FP8, INT4) and judge it against the float one."""
     from dllm_export.calibration.quantize import QuantizeOptions, quantize_artifact
 
@@ -706,7 +708,8 @@ def quantize(artifact_dir, out_dir, precision, method, calib, samples, calib_mod
     options = QuantizeOptions(
         precision=precision, method=method, calib=calib, samples=samples,
         calib_mode=calib_mode, exclude=tuple(exclude), quantize_router=quantize_router,
-        profile=profile_name, bars={k: v for k, v in bars.items() if v is not None},
+        quantize_head=quantize_head, profile=profile_name,
+        bars={k: v for k, v in bars.items() if v is not None},
         gate=not no_gate, install_modelopt=install_modelopt, overwrite=overwrite)
     with _StageProgress() as progress:
         manifest = quantize_artifact(artifact_dir, out_dir, options, report=progress)

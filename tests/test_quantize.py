@@ -24,6 +24,7 @@ from dllm_export.export.onnx import ExportOptions, export_model
 from dllm_export.export.trt_lint import check_trt
 from dllm_export.models.tiny import make_tiny
 from dllm_export.runtime import Generator
+from dllm_export.runtime.backends.onnxruntime import OrtBackend
 
 pytest.importorskip(
     "dllm_export.eval.harness", reason="the quality harness (dllm_export/eval)"
@@ -168,6 +169,24 @@ def test_gate_stops_a_broken_quantisation(float_artifact, tmp_path):
     assert manifest["valid"] is False and manifest["quality_gate"]["passed"] is False
     with pytest.raises(DllmExportError, match="not marked valid"):
         Generator.from_artifact(out)
+
+
+def test_quantize_head_puts_the_decode_head_in_blocks_too(float_artifact, tmp_path):
+    """--quantize-head (llama.cpp's q8_0 scope): every linear layer, the decode head
+    included, becomes an 8-bit MatMulNBits block; nothing is left as a float MatMul."""
+    out = tmp_path / "head"
+    got = CliRunner().invoke(main, ["quantize", str(float_artifact("llada")), "-o", str(out),
+                                    "--precision", "int8", "--method", "nbits",
+                                    "--quantize-head", "--no-gate"])
+    assert got.exit_code == 0, got.output
+    quant = json.loads((out / "manifest.json").read_text())["quantization"]
+    assert "decode head" not in quant["excluded"].values()
+    canvas = quant["kernels"]["canvas"]
+    assert canvas["float"] == 0 and canvas["weight_only"] == canvas["linear_layers"], canvas
+    manifest = json.loads((out / "manifest.json").read_text())
+    with pytest.raises(DllmExportError, match=r"^--memory lean: model.onnx holds MatMulNBits "
+                                              r"blocks, .* use --memory fast for weight-only"):
+        OrtBackend(out, manifest, memory="lean")
 
 
 def test_refusals_are_one_line(float_artifact, tmp_path):

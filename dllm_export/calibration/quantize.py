@@ -39,7 +39,7 @@ class QuantizeOptions:
     calib_mode: str = "mixed"  # "mixed", "forward" or "trajectory"
     exclude: tuple[str, ...] = ()
     quantize_router: bool = False
-    quantize_head: bool = False  # library only: for experiments and the gate's tests
+    quantize_head: bool = False  # --quantize-head: the decode head too
     profile: str | None = None  # target device profile (name or path)
     # library only (benchmarks): MatMulNBits accuracy_level; None: the profile's, else 4
     nbits_accuracy_level: int | None = None
