@@ -337,10 +337,13 @@ def agreement(a: list, b: list) -> dict:
 # --------------------------------------------------------------------------- this runtime
 
 
-def ours_worker(artifact: str, gen: str, cache: str, threads: str, prompt: str) -> None:
-    """One generation on ONNX Runtime in this process; ``cache`` ``left-to-right`` is the
-    agreement rule (greedy, leftmost masked position first, one full-canvas forward each)."""
+def ours_worker(artifact: str, gen: str, mode: str, threads: str, prompt: str) -> None:
+    """One generation on ONNX Runtime in this process. ``mode`` is ``cache[:memory]``
+    (``dual:lean``: the dual cache over one shared copy of the weights); ``left-to-right``
+    is the agreement rule (greedy, leftmost masked position first, one full-canvas forward
+    each)."""
     started = time.perf_counter()
+    cache, _, memory = mode.partition(":")
     import numpy as np
 
     from dllm_export import families
@@ -348,9 +351,9 @@ def ours_worker(artifact: str, gen: str, cache: str, threads: str, prompt: str) 
     from dllm_export.runtime.generate import denoise
 
     gen, ids = int(gen), [int(t) for t in prompt.split(",")]
-    generator = Generator.from_artifact(artifact, threads=int(threads))
+    generator = Generator.from_artifact(artifact, threads=int(threads), memory=memory or "fast")
     mask = generator.special.mask_id
-    record = {"artifact": artifact, "cache": cache, "gen": gen}
+    record = {"artifact": artifact, "cache": cache, "memory": memory or "fast", "gen": gen}
     if cache == "left-to-right":
         backend = generator.backend
         canvas = np.array([ids + [mask] * gen], dtype=np.int64)
@@ -401,11 +404,12 @@ def artifacts(work: Path, checkpoint: Path, gen: int, precisions: list[str]) -> 
              "--block-length", str(BLOCK), "--window", str(gen), "--overwrite")
     out = {"fp32": fp32}
     if "int8" in precisions:
-        # MatMulNBits 8-bit, blocks of 32, no calibration: the closest to llama.cpp's q8_0
-        int8 = work / f"onnx-L{length}-int8-nbits"
+        # MatMulNBits 8-bit, blocks of 32, no calibration, the decode head too: the closest
+        # to llama.cpp's q8_0 (which quantises its output matrix as well)
+        int8 = work / f"onnx-L{length}-int8-nbits-head"
         if not (int8 / "manifest.json").is_file():
             dllm("quantize", str(fp32), "-o", str(int8), "--precision", "int8", "--method",
-                 "nbits", "--no-gate", "--overwrite")
+                 "nbits", "--quantize-head", "--no-gate", "--overwrite")
         out["int8"] = int8
     return out
 
@@ -430,6 +434,12 @@ def prompt_ids(checkpoint: Path, known: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- main
+
+
+def ours_modes(modes: list[str], precision: str) -> list[str]:
+    """The modes run at a precision: the INT8 artifact's MatMulNBits blocks refuse
+    ``--memory lean`` (they only run fast pre-packed)."""
+    return [m for m in modes if precision == "fp32" or not m.endswith(":lean")]
 
 
 def _ratios(top, bottom) -> dict:
@@ -458,8 +468,9 @@ def main():
     parser.add_argument("--gen", default="128,256", help="generation lengths, comma-separated")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--cache-modes", default="dual",
-                        help="this runtime's cache modes beside none, comma-separated")
+    parser.add_argument("--cache-modes", default="dual,dual:lean",
+                        help="this runtime's cache modes beside none, comma-separated, each "
+                             "cache[:memory] (memory: fast, the default, or lean)")
     parser.add_argument("--precisions", default="fp32,int8")
     parser.add_argument("--llamacpp-version", default=LLAMACPP_VERSION)
     parser.add_argument("--llamacpp-isa", choices=sorted(ISA), default="avx2")
@@ -506,7 +517,7 @@ def main():
     for gen in gens:
         for precision in precisions:
             settings.append((gen, "llama.cpp", precision, "none"))
-            settings += [(gen, "ours", precision, mode) for mode in modes]
+            settings += [(gen, "ours", precision, mode) for mode in ours_modes(modes, precision)]
     runs = {s: [] for s in settings}
     for round_index in range(args.rounds):
         for setting in settings:
@@ -552,7 +563,7 @@ def main():
                        for r in llama)}
             first = llama[0]["items"]
             row["llama.cpp_rounds_agree"] = all(r["items"] == first for r in llama)
-            for mode in modes:
+            for mode in ours_modes(modes, precision):
                 ours = runs[(gen, "ours", precision, mode)]
                 row[f"ours_{mode}"] = {**_summary(ours), "over_llama.cpp": _ratios(ours, llama),
                                        "peak_rss_over_llama.cpp": round(
