@@ -107,7 +107,7 @@ class Generator:
 
             if memory != "fast":
                 raise DllmExportError(f"--memory {memory}: not available for DiffusionGemma "
-                                      "artifacts yet (their graphs share weights already)")
+                                      "artifacts yet; use --memory fast")
             return GemmaGenerator.from_artifact(artifact_dir, provider=provider, threads=threads)
         backend, manifest = open_backend(Path(artifact_dir), provider=provider, threads=threads,
                                          memory=memory)
