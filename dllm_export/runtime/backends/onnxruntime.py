@@ -182,9 +182,8 @@ def shared_arena() -> bool:
 # that feed nothing else are shared: its graph optimizers rewrite constants that feed
 # elementwise ops (ONNX Runtime 1.32's transpose optimiser changes a shared RoPE table's
 # shape and the session then fails), and those tables are small.
-WEIGHT_OPS = {"MatMul", "Gemm", "Gather", "GatherND", "MatMulNBits", "MatMulInteger",
-              "QLinearMatMul", "MatMulIntegerToFloat", "DequantizeLinear",
-              "GatherBlockQuantized", "MoE", "QMoE"}
+WEIGHT_OPS = {"MatMul", "Gemm", "Gather", "GatherND", "MatMulInteger", "QLinearMatMul",
+              "MatMulIntegerToFloat", "DequantizeLinear", "GatherBlockQuantized", "MoE"}
 
 
 # Weight-only kernels that are only fast on their pre-packed weights (bench_peer_llamacpp:
@@ -213,7 +212,7 @@ class SharedWeights:
         if packed:
             raise DllmExportError(
                 f"--memory lean: {graph.name} holds {', '.join(packed)} blocks, which ONNX "
-                "Runtime runs 3-6x slower unpacked (and with more memory, measured); use "
+                "Runtime runs 5-6x slower unpacked (and with more memory, measured); use "
                 "--memory fast for weight-only quantised artifacts")
         consumers = {}
         for node in model.graph.node:  # the main graph's: subgraphs' weights are not shared
@@ -308,11 +307,8 @@ class OrtBackend(Backend):
             session = self._open(self.graph_file)
             self._check_graph(session, self.graph_file)
             self._session = session
+            self.input_names = {i.name for i in session.get_inputs()}
         return self._session
-
-    @property
-    def input_names(self) -> set[str]:
-        return {i.name for i in self.session.get_inputs()}
 
     def _check_graph(self, session, graph: Path) -> None:
         """The manifest's shapes against the graph's own (a hand-edited manifest is refused
@@ -343,7 +339,7 @@ class OrtBackend(Backend):
             options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
         # Measured at L=288 with a 126k vocabulary (docs/performance.md, "Peak memory"): the
-        # memory pattern's block comes on top of the first run's allocations (+250 MB) at no
+        # memory pattern's block comes on top of the first run's allocations (+265 MB) at no
         # speed gain, and one arena for all of the process' sessions holds the largest
         # graph's activations instead of each graph's.
         options.enable_mem_pattern = False
