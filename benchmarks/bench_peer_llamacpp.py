@@ -395,11 +395,21 @@ def dllm(*args: str) -> None:
         raise RuntimeError(f"dllm-export {' '.join(args)} failed:\n{got.stderr[-3000:]}")
 
 
+def current(artifact: Path) -> bool:
+    """An artifact of this graph contract (an older one is exported again: the rows graph
+    of contract 3 is what --cache none runs)."""
+    from dllm_export import contract
+
+    manifest = artifact / "manifest.json"
+    return manifest.is_file() and json.loads(manifest.read_text()).get(
+        "contract_version") == contract.CONTRACT_VERSION
+
+
 def artifacts(work: Path, checkpoint: Path, gen: int, precisions: list[str]) -> dict:
     """The exported artifact (with the cached graphs) and its INT8 form, for one canvas."""
     length = PROMPT_LENGTH + gen
     fp32 = work / f"onnx-L{length}"
-    if not (fp32 / "manifest.json").is_file():
+    if not current(fp32):
         dllm("export", str(checkpoint), "-o", str(fp32), "--seq-len", str(length), "--cache",
              "--block-length", str(BLOCK), "--window", str(gen), "--overwrite")
     out = {"fp32": fp32}
@@ -407,7 +417,7 @@ def artifacts(work: Path, checkpoint: Path, gen: int, precisions: list[str]) -> 
         # MatMulNBits 8-bit, blocks of 32, no calibration, the decode head too: the closest
         # to llama.cpp's q8_0 (which quantises its output matrix as well)
         int8 = work / f"onnx-L{length}-int8-nbits-head"
-        if not (int8 / "manifest.json").is_file():
+        if not current(int8):
             dllm("quantize", str(fp32), "-o", str(int8), "--precision", "int8", "--method",
                  "nbits", "--quantize-head", "--no-gate", "--overwrite")
         out["int8"] = int8

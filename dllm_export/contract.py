@@ -15,6 +15,12 @@ cache capacity, which equals ``L``: slot ``j`` holds canvas position ``j``):
 * ``draft`` (families decoded draft-and-verify, instead of ``step`` and ``window``): a
   block of pending tokens and a block of masks, ``2 * block_length`` rows, under the mask
   ``runtime/attention.draft_verify_mask`` builds.
+* ``rows`` (bidirectional families, with the cached graphs): the canvas graph's inputs and
+  a ``head_rows`` input of ``W`` rows (the block length); the decode head of those rows
+  only, in their order, as computed (unshifted, like the cached graphs: a shifted family's
+  row r predicts r + 1 and the runtime asks for the rows before). Without a cache
+  (``--cache none``) a step reads only the block's rows, and the output projection and the
+  head over all ``L`` rows are most of a large vocabulary's step.
 * ``step`` / ``window`` / ``decode`` / ``draft``: ``Lq`` queries (a block, a block plus the masked
   suffix, one token) attend to ``[past | their own keys]`` under ``attention_mask``
   ``[B, Lq, C + Lq]``; their own keys and values come out.
@@ -34,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 
 from dllm_export.errors import DllmExportError
 
-CONTRACT_VERSION = 2  # 1: the canvas graph only
+CONTRACT_VERSION = 3  # 1: the canvas graph only; 2: the cached graphs; 3: the rows graph
 CACHED_GRAPHS = ("prefill", "step", "window", "decode")
 DECODE_OUTPUTS = ("topk_ids", "topk_logprobs", "neg_entropy", "special_logprobs")
 CACHE_KINDS = ("key", "value")
@@ -43,7 +49,8 @@ CACHE_LAYOUT = "BNSH"  # [batch, kv heads, slots, head dim]
 # block of masks; exported instead of step and window for the families that decode that
 # way (families.Family.cached_graphs)
 FILES = {"canvas": "model.onnx", "prefill": "prefill.onnx", "step": "step.onnx",
-         "window": "window.onnx", "decode": "decode.onnx", "draft": "draft.onnx"}
+         "window": "window.onnx", "decode": "decode.onnx", "draft": "draft.onnx",
+         "rows": "rows.onnx"}
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,16 @@ def canvas_graph(batch: int, length: int, topk: int, specials: int, vocab: int,
     return GraphSpec("canvas", FILES["canvas"], length, 0, inputs, out)
 
 
+def rows_graph(batch: int, length: int, rows: int, topk: int, specials: int) -> GraphSpec:
+    """The ``rows`` graph: the full canvas, the decode head over ``rows`` chosen positions."""
+    canvas = canvas_graph(batch, length, topk, specials, 0)
+    chosen = TensorSpec("head_rows", [rows], "int64",
+                        "the rows whose predictions come out, in this order (as computed: "
+                        "a shifted family's row r predicts position r + 1)")
+    return GraphSpec("rows", FILES["rows"], rows, 0, [*canvas.inputs, chosen],
+                     head_outputs(batch, rows, topk, specials))
+
+
 KIND_MEANINGS = {"key": "keys of one layer, after RoPE", "value": "values of one layer",
                  "conv": "the convolution's input (CCA's q/k projections) of one layer",
                  "delayed": "the delayed value projection (CCA) of one layer"}
@@ -127,7 +144,7 @@ def cached_graph(name: str, batch: int, queries: int, capacity: int, layers: int
     ``kinds``: ``(kind, heads, width)`` per per-layer state in the family's order (default:
     keys and values of ``kv_heads`` x ``head_dim``); every state is ``[B, heads, slots,
     width]`` with the slot axis third, so the runtime writes every kind the same way."""
-    if name not in FILES or name == "canvas":
+    if name not in FILES or name in ("canvas", "rows"):
         raise ValueError(f"unknown cached graph {name!r}")
     kinds = kinds or tuple((kind, kv_heads, head_dim) for kind in CACHE_KINDS)
     names = [kind for kind, _, _ in kinds]
@@ -158,7 +175,7 @@ def cached_rows(name: str, length: int, block_length: int, window: int, shift: i
     block-plus-suffix of prefix caching (window), one token (decode); a shifted family
     feeds one position more (the one before the block)."""
     return {"prefill": length, "step": block_length + shift, "window": window + shift,
-            "decode": 1, "draft": 2 * block_length}[name]
+            "decode": 1, "draft": 2 * block_length, "rows": block_length}[name]
 
 
 def check_version(manifest: dict, origin: str) -> int:
@@ -191,6 +208,8 @@ if __name__ == "__main__":  # the tables in docs/architecture.md
     example = dict(batch=1, capacity=96, layers=2, kv_heads=4, head_dim=64,
                    cache_dtype="float32", topk=8, specials=2)
     print(markdown_table(canvas_graph(1, 96, 8, 2, 2048)))
+    print("\nrows:\n")
+    print(markdown_table(rows_graph(1, 96, 32, 8, 2)))
     for graph, rows in (("prefill", 96), ("step", 32), ("decode", 1)):
         print(f"\n{graph}:\n")
         print(markdown_table(cached_graph(graph, queries=rows, **example)))

@@ -485,7 +485,8 @@ def test_tensorrt_11_builds_an_fp32_artifact_from_a_cast_graph(tmp_path, install
     assert log["network_flags"] == 0 and log["built"]["flags"] == []
     parsed = [Path(p) for p in log["parsed_all"]]
     assert sorted(p.name for p in parsed) == sorted(
-        ["model.onnx", "prefill.onnx", "step.onnx", "window.onnx", "decode.onnx"])
+        ["model.onnx", "prefill.onnx", "step.onnx", "window.onnx", "decode.onnx",
+         "rows.onnx"])
     assert all(p.parent != source and not p.exists() for p in parsed)  # scratch, removed
     assert not list(tmp_path.glob(".dllm-cast-*"))
     plan = onnx.load_model_from_string((engine / "model.engine").read_bytes()[5:])

@@ -131,7 +131,7 @@ def test_a_newer_contract_is_refused_in_one_line(artifact, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     result = CliRunner().invoke(main, ["run", str(copy), "--prompt", "hi"])
     assert result.exit_code == 1
-    assert "graph contract version 99; this dllm-export reads versions 1 to 2" in result.output
+    assert "graph contract version 99; this dllm-export reads versions 1 to 3" in result.output
     assert "Traceback" not in result.output
 
 
@@ -240,3 +240,46 @@ def test_memory_mode_is_checked(artifact):
     got = CliRunner().invoke(main, ["run", str(artifact("llada")), "--prompt", "hi",
                                     "--memory", "lean", "--gen-length", "8", "--steps", "8"])
     assert got.exit_code == 0, got.output
+
+
+@pytest.mark.parametrize("family", ["llada", "llada-moe", "dream"])
+def test_the_rows_graph_commits_the_canvas_graphs_tokens(family, artifact, tiny_dir):
+    """--cache none with the rows graph (the head over the block's rows only): PyTorch's
+    tokens exactly, with no canvas forward; a block wider than its rows falls back to the
+    canvas graph. Blocks narrower than the graph's rows (4 of 8) read a part of them."""
+    torch_gen, backend, manifest = _backends(family, artifact, tiny_dir)
+    assert manifest["cache"]["graphs"]["rows"]["queries"] == ARTIFACT_BLOCK
+    entry = families.family(family)
+    for block, canvas_forwards in ((ARTIFACT_BLOCK, 0), (4, 0), (GEN, GEN)):
+        config = SamplerConfig(algorithm="llada", cache="none", early_exit=False,
+                               gen_length=GEN, steps=GEN, block_length=block)
+        before = backend.canvas_runs
+        expected = denoise(torch_gen.backend, [_prompt()], config, torch_gen.special,
+                           family=entry)
+        got = denoise(backend, [_prompt()], config, torch_gen.special, family=entry)
+        assert got.sequences.tolist() == expected.sequences.tolist(), block
+        assert backend.canvas_runs - before == canvas_forwards, block
+    assert "rows" in backend.sessions
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_predict_rows_is_the_canvas_prediction_of_those_rows(family, artifact):
+    """Every span the rows graph covers, the first row (a shifted family's row 0 keeps its
+    own prediction) and spans moved back from the canvas' end, on a left-padded canvas:
+    the canvas graph's outputs for those rows to 1e-5."""
+    manifest = json.loads((artifact(family) / "manifest.json").read_text())
+    backend = OrtBackend(artifact(family), manifest)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 300, (1, ARTIFACT_SEQ_LEN))
+    attention = np.ones_like(ids)
+    attention[:, :5] = 0
+    full = backend.predict(ids, attention)
+    for first, count in ((0, ARTIFACT_BLOCK), (3, 5), (20, ARTIFACT_BLOCK),
+                         (ARTIFACT_SEQ_LEN - 3, 3), (ARTIFACT_SEQ_LEN - 1, 1)):
+        assert backend.head_rows(first, count) is not None
+        got = backend.predict_rows(ids, attention, first, count)
+        want = full.positions(first, first + count)
+        np.testing.assert_array_equal(got.topk_ids, want.topk_ids)
+        for name in ("topk_logprobs", "neg_entropy", "special_logprobs"):
+            np.testing.assert_allclose(getattr(got, name), getattr(want, name), atol=1e-5)
+    assert backend.head_rows(0, ARTIFACT_BLOCK + 1) is None  # wider: the canvas graph

@@ -32,7 +32,8 @@ def test_export_is_valid_and_only_fused_attention_needs_onnx_runtime(family, art
         assert row["failed"] == [] and row["top1_agreement_ties"] >= 0.999, row
         assert row["logprob_diff"] < 1e-4, row  # float32 rounding
     assert [r["case"] for r in manifest["validation"]["results"]] == [
-        "mask_0.1", "mask_0.5", "mask_0.9", "left_padded", "prefill/bidirectional",
+        "mask_0.1", "mask_0.5", "mask_0.9", "left_padded", "rows/first", "rows/block",
+        "rows/last", "prefill/bidirectional",
         "window/bidirectional", "prefill/block_causal", "step/block_causal",
         "commit/block_causal", "step-after-commit/block_causal", "prefill/causal",
         "decode/causal"]
@@ -40,13 +41,15 @@ def test_export_is_valid_and_only_fused_attention_needs_onnx_runtime(family, art
     # nodes TensorRT cannot parse (--target tensorrt exports: tests/test_attention_export.py)
     trt = manifest["trt_compatibility"]
     assert {f["op"] for f in trt["findings"]} == {"com.microsoft::MultiHeadAttention"}
-    assert trt["graphs"] == dict.fromkeys(["canvas", "prefill", "step", "window", "decode"], False)
+    assert trt["graphs"] == dict.fromkeys(
+        ["canvas", "prefill", "step", "window", "decode", "rows"], False)
     assert manifest["shift_logits"] is (family == "dream")
     assert (manifest["moe"] is not None) is (family == "llada-moe")
     assert manifest["shapes"] == {"batch": 1, "seq_len": SEQ_LEN}
     assert sorted(p.name for p in directory.iterdir()) == [
         ".dllm-export", "decode.onnx", "generation_config.json", "manifest.json", "model.onnx",
-        "model.onnx.data", "model_logits.onnx", "prefill.onnx", "special_tokens_map.json",
+        "model.onnx.data", "model_logits.onnx", "prefill.onnx", "rows.onnx",
+        "special_tokens_map.json",
         "step.onnx", "tokenizer.json", "tokenizer_config.json", "window.onnx"]
 
 
@@ -171,7 +174,7 @@ def test_export_refuses_bad_options(tiny_dir, tmp_path):
 
 def test_validate_reruns_against_the_checkpoint(artifact):
     manifest = onnx_export.validate_artifact(artifact("dream"))
-    assert manifest["valid"] and len(manifest["validation"]["results"]) == 12
+    assert manifest["valid"] and len(manifest["validation"]["results"]) == 15
 
 
 def test_cli_run_and_one_line_errors(artifact, tmp_path):

@@ -356,27 +356,29 @@ def test_cached_graphs_are_quantised_calibrated_and_gated(precision, cached_floa
     out = tmp_path / precision
     manifest = quantize_artifact(cached_float, out, fast(precision))
     assert manifest["valid"] and manifest["cache"]["graphs"].keys() == {
-        "prefill", "step", "window", "decode"}
+        "prefill", "step", "window", "decode", "rows"}
     quant = manifest["quantization"]
-    assert set(quant["cached_graphs"]) == {"prefill", "step", "window", "decode"}
+    graphs = ("prefill", "step", "window", "decode", "rows")
+    assert set(quant["cached_graphs"]) == set(graphs)
     assert all(count > 0 for count in quant["cached_graphs"].values())
     op = "QuantizeLinear" if precision == "int8" else "MatMulNBits"
-    for graph in ("prefill", "step", "window", "decode"):
+    for graph in graphs:
         model = onnx.load(str(out / f"{graph}.onnx"), load_external_data=False)
         assert op in {n.op_type for n in model.graph.node}, graph
     assert sorted(p.name for p in out.glob("*.data")) == ["model.onnx.data"]
     if precision == "int8":
         states = quant["calibration"]["cached_graphs"]
-        assert all(states[g] > 0 for g in ("prefill", "step", "window", "decode"))
-        assert manifest["trt_compatibility"]["graphs"] == dict.fromkeys(
-            ["canvas", "prefill", "step", "window", "decode"], True)
+        assert all(states[g] > 0 for g in graphs)  # rows: from --cache none decoding
+        assert manifest["trt_compatibility"]["graphs"] == dict.fromkeys(["canvas", *graphs],
+                                                                        True)
     checks = {c["name"]: c for c in manifest["quality_gate"]["checks"]}
     assert checks["generation token agreement (dual cache)"]["passed"]
     generator = Generator.from_artifact(out)
-    for mode in ("dual", "block"):
+    for mode in ("dual", "block", "none"):
         result = generator.generate("Sort: 3 1 2", chat=True, gen_length=16, steps=16,
                                     block_length=8, cache=mode)
         assert result.forwards >= 2
+    assert generator.backend.canvas_runs == 0  # none ran the quantised rows graph
 
 
 def _attention_and_glu_graph(path: Path) -> None:

@@ -140,10 +140,11 @@ def test_tensorrt_backend_keeps_the_cache_on_the_device(tmp_path, fakes, artifac
     manifest = build_engine(source, load_profile("h100-sxm"), engine,
                             BuildOptions(precision="fp32", timing_cache=tmp_path / "t"))
     assert sorted(p.name for p in engine.glob("*.engine")) == [
-        "decode.engine", "model.engine", "prefill.engine", "step.engine", "window.engine"]
+        "decode.engine", "model.engine", "prefill.engine", "rows.engine", "step.engine",
+        "window.engine"]
     assert manifest["cache"]["graphs"]["step"]["engine"] == "step.engine"
     assert set(manifest["build"]["cached_engine_bytes"]) == {"prefill", "step", "window",
-                                                              "decode"}
+                                                              "decode", "rows"}
     backend, _ = open_backend(engine)
     ort = OrtBackend(source, json.loads((source / "manifest.json").read_text()))
     special = Special(**{k: manifest["special_tokens"][k] for k in ("mask_id", "eos_id")},

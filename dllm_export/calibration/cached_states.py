@@ -3,7 +3,7 @@
 The float artifact decodes the calibration prompts in every cache mode its family decodes
 with (``prefix``: prefill and window; ``dual``: prefill and step; ``block``: prefill, step
 and the commits; for a block-causal family also ``none``, which runs the cached graphs
-too), with the family's block sampler (LLaDA2's own, else LLaDA's), and autoregressively
+too, and for a bidirectional one with the rows graph), with the family's block sampler (LLaDA2's own, else LLaDA's), and autoregressively
 (decode), and the backend's ``on_feeds`` hook records
 every cached call's inputs, the cache it attended to included. Short prompts prefill in
 chunks of the cached graphs; when none reached the full-canvas prefill graph, each prompt is
@@ -63,10 +63,10 @@ def cached_graph_states(backend, generator, prompts: list[list[int]], samples: i
         algorithm = "llada"
     config = generator.defaults.updated(algorithm=algorithm, gen_length=gen, steps=gen,
                                         block_length=block, early_exit=False)
-    # "none" reaches the cached graphs only under a block-causal rule; draft-and-verify
-    # decodes one way (its draft graph over the exact cache)
+    # "none" reaches the cached graphs under a block-causal rule, and the rows graph;
+    # draft-and-verify decodes one way (its draft graph over the exact cache)
     modes = [mode for mode in cache["modes"]
-             if mode != "none" or cache["attention"] != "bidirectional"]
+             if mode != "none" or cache["attention"] != "bidirectional" or "rows" in backend.graphs]
     if algorithm == "tidar":
         modes = [None]
     recorded: dict[str, list[dict]] = {name: [] for name in backend.graphs}

@@ -239,6 +239,8 @@ def _example(spec, dtype):
             out.append(torch.ones(tensor.shape, dtype=torch.bool))
         elif tensor.name == "position_ids":
             out.append(torch.arange(tensor.shape[1]).expand(tensor.shape).contiguous())
+        elif tensor.name == "head_rows":
+            out.append(torch.arange(tensor.shape[0]))
         elif tensor.dtype == "int64":
             value = torch.ones if tensor.name == "attention_mask" else torch.zeros
             out.append(value(tensor.shape, dtype=torch.long))
@@ -267,9 +269,19 @@ def _cached_specs(checkpoint, options: ExportOptions, defaults, special_count: i
         specs[name] = contract.cached_graph(
             name, options.batch, rows, length, shape.layers, shape.kv_heads, shape.head_dim,
             TORCH_DTYPE_NAMES[options.dtype], options.topk, special_count, shape.cache_kinds())
+    if entry.attention == "bidirectional" and options.outputs == "decode":
+        # --cache none reads a block's rows of each full-canvas step (contract.py: rows)
+        specs["rows"] = contract.rows_graph(options.batch, length, block, options.topk,
+                                            special_count)
     return {"block_length": block, "window": window, "shift": shift, "specs": specs,
             "layers": shape.layers, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim,
             "kinds": [kind for kind, _, _ in shape.cache_kinds()]}
+
+
+def token_rows(spec) -> int:
+    """Token rows a graph's layers compute per sequence: its queries, or for the rows graph
+    the whole canvas (its head alone runs on the chosen rows)."""
+    return spec.inputs[0].shape[1]
 
 
 def _export_cached(model, head, cached: dict, tmp: Path, options, has_moe, report) -> None:
@@ -277,7 +289,7 @@ def _export_cached(model, head, cached: dict, tmp: Path, options, has_moe, repor
     from dllm_export.export.passes import run_passes
     from dllm_export.export.shared_weights import WeightsFile
     from dllm_export.models import set_moe_strategy
-    from dllm_export.models.head import CachedDenoiser
+    from dllm_export.models.head import CachedDenoiser, RowsDenoiser
 
     weights = WeightsFile(tmp / "model.onnx")
     dtype = _torch_dtype(options.dtype)
@@ -286,9 +298,12 @@ def _export_cached(model, head, cached: dict, tmp: Path, options, has_moe, repor
         report("trace", f"{name} graph, {spec.queries} query rows over {spec.capacity} slots")
         if blocks:
             form = moe_form(options, len(blocks[0].experts), blocks[0].top_k,
-                            options.batch * spec.queries)
+                            options.batch * token_rows(spec))
             set_moe_strategy(model, form["form"], form["block"])
-        module = CachedDenoiser(model, head, cached["layers"], with_past=spec.capacity > 0)
+        if name == "rows":
+            module = RowsDenoiser(model, head)
+        else:
+            module = CachedDenoiser(model, head, cached["layers"], with_past=spec.capacity > 0)
         program = _trace(module, _example(spec, dtype), spec, options, has_moe)
         run_passes(program.model)
         program.save(str(tmp / spec.file), external_data=True)
@@ -304,7 +319,7 @@ def _manifest(checkpoint, options, special, tokenizer, model, canvas, defaults, 
     if moe_blocks:
         experts, top_k = len(moe_blocks[0].experts), moe_blocks[0].top_k
         rows = {"canvas": options.batch * options.seq_len}
-        rows.update({name: options.batch * spec.queries
+        rows.update({name: options.batch * token_rows(spec)
                      for name, spec in (cached["specs"] if cached else {}).items()})
         graphs = {name: moe_form(options, experts, top_k, count) for name, count in rows.items()}
         # strategy and block: the canvas graph's; graphs: each graph's own

@@ -185,6 +185,15 @@ def cached_cases(reference, backend, manifest: dict, bars: dict):
                         np.take_along_axis(positions, safe, 1), mask, write)
         return _compare_rows(ref, got, queries >= 0, bars)
 
+    if "rows" in graphs:  # the head over chosen rows of an unpadded canvas: the first
+        # (row 0 keeps its own prediction in a shifted family), a block at the generation's
+        # start, the last row (the graph's rows moved back from the canvas' end)
+        rows = graphs["rows"]["queries"]
+        _, plain, everywhere, _ = validation_canvases(manifest)[1]
+        for name, first, count in (("first", 0, rows), ("block", start, min(rows, length - start)),
+                                   ("last", length - 1, 1)):
+            ref, got = both("predict_rows", plain, everywhere, first, count)
+            yield f"rows/{name}", _compare_rows(ref, got, np.ones((batch, count), bool), bars)
     for rule in ("bidirectional", "block_causal", "causal"):
         for side in (reference, backend):
             side.reset_cache(batch, length)

@@ -136,7 +136,8 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def forward(self, input_ids, attention_mask=None, positions=None, visible=None, cache=None):
+    def forward(self, input_ids, attention_mask=None, positions=None, visible=None, cache=None,
+                rows=None):
         x = self.model.embed_tokens(input_ids)
         if positions is None and attention_mask is None:
             positions = default_positions(input_ids)
@@ -148,6 +149,8 @@ class Model(nn.Module):
         bias = attention_bias(visible, attention_mask, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, bias, cache)
+        if rows is not None:  # the rows the head is computed for (head.RowsDenoiser)
+            x = x[:, rows]
         x = self.model.norm(x)
         if self.args.tie_word_embeddings:
             return F.linear(x, self.model.embed_tokens.weight).float()

@@ -69,6 +69,22 @@ class Denoiser(nn.Module):
         return self.head(logits)
 
 
+class RowsDenoiser(nn.Module):
+    """The rows graph (contract.py): the canvas graph's forward with the decode head over
+    the rows ``head_rows`` [W] only, as computed (for a shifted family row r predicts
+    r + 1: the runtime passes the rows before the positions it wants): the final norm, the
+    output projection and the head run on W rows instead of L, which for a large
+    vocabulary is most of a step's work."""
+
+    def __init__(self, model: nn.Module, head: DecodeHead):
+        super().__init__()
+        self.model = model  # the same attribute path as Denoiser: weights keep their names
+        self.head = head
+
+    def forward(self, input_ids, attention_mask, head_rows):
+        return self.head(self.model(input_ids, attention_mask, rows=head_rows))
+
+
 class CachedDenoiser(nn.Module):
     """The cached graphs (contract.py: prefill, step): one call of the family's forward
     over ``Lq`` queries that attend to ``[past | their own keys]`` under ``attention_mask``

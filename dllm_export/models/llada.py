@@ -163,7 +163,8 @@ class Model(nn.Module):
         self.args = args
         self.model = LLaDAModel(args)
 
-    def forward(self, input_ids, attention_mask=None, positions=None, visible=None, cache=None):
+    def forward(self, input_ids, attention_mask=None, positions=None, visible=None, cache=None,
+                rows=None):
         transformer = self.model.transformer
         x = transformer.wte(input_ids)
         # LLaDA keeps absolute positions under left padding; padded keys are masked out.
@@ -172,6 +173,8 @@ class Model(nn.Module):
         bias = attention_bias(visible, attention_mask, x.dtype)
         for block in transformer.blocks:
             x = block(x, cos, sin, bias, cache)
+        if rows is not None:  # the rows the head is computed for (head.RowsDenoiser)
+            x = x[:, rows]
         x = transformer.ln_f(x)
         if self.args.weight_tying:
             return F.linear(x, transformer.wte.weight).float()

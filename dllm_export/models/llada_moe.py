@@ -197,13 +197,16 @@ class Model(nn.Module):
     def moe_blocks(self):
         return [layer.mlp for layer in self.model.layers if layer.is_moe]
 
-    def forward(self, input_ids, attention_mask=None, positions=None, visible=None, cache=None):
+    def forward(self, input_ids, attention_mask=None, positions=None, visible=None, cache=None,
+                rows=None):
         x = self.model.embed_tokens(input_ids)
         positions = default_positions(input_ids) if positions is None else positions
         cos, sin = rope_tables(positions, self.args.rotary_dim, self.args.rope_theta)
         bias = attention_bias(visible, attention_mask, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, bias, cache)
+        if rows is not None:  # the rows the head is computed for (head.RowsDenoiser)
+            x = x[:, rows]
         x = self.model.norm(x)
         if self.args.tie_word_embeddings:
             return F.linear(x, self.model.embed_tokens.weight).float()

@@ -96,7 +96,8 @@ class Forwards:
 
 
 class NoCache:
-    """Every step a full-canvas forward; ``canvas_step`` is the canvas graph (with CFG)."""
+    """Every step a full-canvas forward; ``canvas_step(canvas, start, end)`` is the canvas
+    (or rows) graph's prediction of those positions (with CFG)."""
 
     name = "none"
 
@@ -115,7 +116,7 @@ class NoCache:
 
     def predict(self, canvas, start, end, step):
         if self.layout.rule == "bidirectional":
-            return self.canvas_step(canvas).positions(start, end)
+            return self.canvas_step(canvas, start, end)
         shift = self.layout.shift
         return self._full(canvas).positions(start - shift, end - shift)
 

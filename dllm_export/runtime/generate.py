@@ -229,22 +229,23 @@ def build_canvas(prompts: list[list[int]], gen_length: int, seq_len: int | None,
 
 def _canvas_step(backend, attention, config: SamplerConfig, special: Special, canvas,
                  forwards: cache_modes.Forwards):
-    """The full-canvas forward (the canvas graph), with classifier-free guidance when
+    """The full-canvas forward's prediction at positions ``start:end`` (the rows graph
+    where the artifact has one, else the canvas graph), with classifier-free guidance when
     asked: the prompt positions of the starting canvas are masked in the second row set."""
     prompt_index = canvas != special.mask_id
 
-    def run(current):
+    def run(current, start, end):
         if config.cfg_scale <= 0:
-            return backend.predict(current, attention)
+            return backend.predict_rows(current, attention, start, end - start)
         unconditional = current.copy()
         unconditional[prompt_index] = special.mask_id
         both = backend.logits(np.concatenate([current, unconditional]),
                               np.concatenate([attention, attention]))
-        cond, uncond = np.split(both, 2)
+        cond, uncond = np.split(both[:, start:end], 2)
         logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
         return summarize_logits(logits, backend.topk, backend.special_ids)
 
-    return lambda current: forwards(run, current)
+    return lambda current, start, end: forwards(run, current, start, end)
 
 
 def _finish_rows(canvas, done, prompt_length, special: Special):

@@ -25,6 +25,7 @@ class Backend:
     batch_size: int | None = None  # fixed batch, or None
     topk: int = 8
     special_ids: tuple[int, ...] = ()
+    row_shift: int = 0  # 1 when the model's row p predicts position p + 1 (Dream)
 
     def _run_predict(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> Prediction:
         raise NotImplementedError
@@ -48,6 +49,35 @@ class Backend:
     def predict(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> Prediction:
         input_ids, attention_mask, rows = self._padded(input_ids, attention_mask)
         return self._run_predict(input_ids, attention_mask).rows(rows)
+
+    def predict_rows(self, input_ids: np.ndarray, attention_mask: np.ndarray, first: int,
+                     count: int) -> Prediction:
+        """The canvas prediction at positions ``first:first + count`` only. Backends whose
+        artifact has the rows graph (contract.py) compute the head for those rows alone;
+        the others run the canvas graph and keep the rows."""
+        rows = self.head_rows(first, count)
+        if rows is None:
+            return self.predict(input_ids, attention_mask).positions(first, first + count)
+        input_ids, attention_mask, batch = self._padded(input_ids, attention_mask)
+        offset = first - int(rows[0])
+        # the graph's rows as computed: a shifted family's position p is row p - 1 (and
+        # position 0 its own row, as in the canvas graph)
+        computed = np.maximum(rows - self.row_shift, 0)
+        return self._run_rows(input_ids, attention_mask, computed).rows(batch).positions(
+            offset, offset + count)
+
+    def head_rows(self, first: int, count: int) -> np.ndarray | None:
+        """The ``head_rows`` input that covers ``first:first + count`` (the graph's W rows,
+        moved back from the canvas' end where they would pass it), or None when the
+        backend has no rows graph or the span is wider than its W."""
+        spec = self.graphs.get("rows")
+        if spec is None or count > spec.queries:
+            return None
+        start = min(first, self.seq_len - spec.queries)
+        return np.arange(start, start + spec.queries, dtype=np.int64)
+
+    def _run_rows(self, input_ids, attention_mask, head_rows) -> Prediction:
+        raise NotImplementedError
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         input_ids, attention_mask, rows = self._padded(input_ids, attention_mask)

@@ -286,6 +286,7 @@ class OrtBackend(Backend):
         self.batch_size = manifest["shapes"]["batch"]
         self.topk = manifest.get("topk", 8)
         self.special_ids = tuple(manifest.get("special_ids", ()))
+        self.row_shift = int(bool(manifest.get("shift_logits")))
         self.open_canvas()  # now: a missing provider or an edited manifest fails at load
         self.graphs = contract.graph_specs(manifest, str(directory / "manifest.json"))
         self.has_cached_graphs = bool(self.graphs)
@@ -424,7 +425,7 @@ class OrtBackend(Backend):
             outputs = {}
             for tensor in spec.outputs:
                 cache_name = tensor.name.replace("present_", "", 1)
-                if spec.capacity == 0 and cache_name in self.cache_arrays:
+                if spec.capacity == 0 and cache_name in (self.cache_arrays or {}):
                     array, value = self.cache_arrays[cache_name]  # prefill writes in place
                 else:
                     array = np.empty(tensor.shape, dtype=NUMPY_DTYPES[tensor.dtype])
@@ -438,16 +439,18 @@ class OrtBackend(Backend):
             self.bound[name] = (session, binding, outputs, spec)
         return self.bound[name]
 
-    def _run_bound(self, name, input_ids, position_ids, attention_mask):
+    def _run_bound(self, name, **arrays):
+        """One call of cached graph ``name`` on ``arrays`` (its inputs but the past ones,
+        in the spec's dtypes)."""
         session, binding, outputs, spec = self._binding(name)
         feeds = {}
-        for input_name, array, dtype in (("input_ids", input_ids, np.int64),
-                                         ("position_ids", position_ids, np.int64),
-                                         ("attention_mask", attention_mask, np.bool_)):
-            array = np.ascontiguousarray(array, dtype=dtype)
-            binding.bind_cpu_input(input_name, array)
+        for tensor in spec.inputs:
+            if tensor.name.startswith("past_"):
+                continue
+            array = np.ascontiguousarray(arrays[tensor.name], dtype=NUMPY_DTYPES[tensor.dtype])
+            binding.bind_cpu_input(tensor.name, array)
             self.bytes_moved["inputs"] += array.nbytes
-            feeds[input_name] = array
+            feeds[tensor.name] = array
         if self.on_feeds is not None:
             for tensor in spec.inputs:
                 if tensor.name.startswith("past_"):
@@ -460,12 +463,20 @@ class OrtBackend(Backend):
         return Prediction(*head, self.special_ids), outputs, spec
 
     def _run_prefill(self, input_ids, position_ids, attention_mask) -> Prediction:
-        pred, _, _ = self._run_bound("prefill", input_ids, position_ids, attention_mask)
+        pred, _, _ = self._run_bound("prefill", input_ids=input_ids, position_ids=position_ids,
+                                     attention_mask=attention_mask)
+        return pred
+
+    def _run_rows(self, input_ids, attention_mask, head_rows) -> Prediction:
+        pred, _, _ = self._run_bound("rows", input_ids=input_ids, attention_mask=attention_mask,
+                                     head_rows=head_rows)
         return pred
 
     def _run_cached_step(self, input_ids, position_ids, attention_mask, write) -> Prediction:
         name = self._graph_for(input_ids.shape[1])
-        pred, outputs, spec = self._run_bound(name, input_ids, position_ids, attention_mask)
+        pred, outputs, spec = self._run_bound(name, input_ids=input_ids,
+                                              position_ids=position_ids,
+                                              attention_mask=attention_mask)
         self._last_outputs = outputs
         if write is not None:
             self.commit(write)

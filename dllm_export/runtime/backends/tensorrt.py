@@ -188,6 +188,7 @@ class TensorRTBackend(Backend):
         self.batch_size = manifest["shapes"]["batch"]
         self.topk = manifest.get("topk", 8)
         self.special_ids = tuple(manifest.get("special_ids", ()))
+        self.row_shift = int(bool(manifest.get("shift_logits")))
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.stream = cuda.Stream()
@@ -269,9 +270,8 @@ class TensorRTBackend(Backend):
     def reset_cache(self, batch: int, capacity: int) -> None:
         self._check_capacity(capacity)
 
-    def _cached_call(self, io: _EngineIO, input_ids, position_ids, attention_mask) -> Prediction:
-        for name, array in (("input_ids", input_ids), ("position_ids", position_ids),
-                            ("attention_mask", attention_mask)):
+    def _cached_call(self, io: _EngineIO, **inputs) -> Prediction:
+        for name, array in inputs.items():
             io.host[name][...] = array
             self.stream.upload(io.buffers[name], io.host[name])
         if not io.context.execute_async_v3(self.stream.handle):
@@ -283,12 +283,19 @@ class TensorRTBackend(Backend):
 
     def _run_prefill(self, input_ids, position_ids, attention_mask) -> Prediction:
         io, _ = self.cached["prefill"]
-        return self._cached_call(io, input_ids, position_ids, attention_mask)
+        return self._cached_call(io, input_ids=input_ids, position_ids=position_ids,
+                                 attention_mask=attention_mask)
+
+    def _run_rows(self, input_ids, attention_mask, head_rows) -> Prediction:
+        io, _ = self.cached["rows"]
+        return self._cached_call(io, input_ids=input_ids, attention_mask=attention_mask,
+                                 head_rows=head_rows)
 
     def _run_cached_step(self, input_ids, position_ids, attention_mask, write) -> Prediction:
         rows = input_ids.shape[1]
         io, spec = self.cached[self._graph_for(rows)]
-        pred = self._cached_call(io, input_ids, position_ids, attention_mask)
+        pred = self._cached_call(io, input_ids=input_ids, position_ids=position_ids,
+                                 attention_mask=attention_mask)
         self._last_call = (io, spec, rows)  # its present buffers hold until the next call
         if write is not None:
             self.commit(write)
