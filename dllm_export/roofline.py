@@ -76,15 +76,17 @@ def weight_bytes(shape: ModelShape, precision: str) -> float:
             + shape.kept_parameters() * kept_bytes(precision))
 
 
-def matrix_flops(shape: ModelShape, tokens: int) -> float:
+def matrix_flops(shape: ModelShape, tokens: int, head_tokens: int | None = None) -> float:
     """FLOPs of every weight matrix applied to ``tokens`` tokens (attention projections,
-    MLP or router + routed experts + shared expert, LM head)."""
+    MLP or router + routed experts + shared expert), and of the LM head applied to
+    ``head_tokens`` of them (None: all; the rows graph computes it for a block's rows)."""
     dense = 3 * shape.hidden * shape.dense_intermediate
     moe = shape.hidden * shape.experts + shape.experts_per_token * shape.expert_matrices()
     moe += 3 * shape.hidden * shape.shared_intermediate
     per_token = (shape.all_attention_matrices() + shape.dense_layers * dense
-                 + shape.moe_layers * moe + shape.hidden * shape.vocab)
-    return 2.0 * tokens * per_token
+                 + shape.moe_layers * moe)
+    head = tokens if head_tokens is None else head_tokens
+    return 2.0 * (tokens * per_token + head * shape.hidden * shape.vocab)
 
 
 def attention_flops(shape: ModelShape, batch: int, queries: int, keys: int) -> float:
@@ -128,7 +130,7 @@ def kv_cache_bytes(shape: ModelShape, precision: str, batch: int, context: int) 
 
 
 def call_cost(shape: ModelShape, profile, precision: str, batch: int, queries: int,
-              cached: int = 0) -> StepCost:
+              cached: int = 0, head_rows: int | None = None) -> StepCost:
     """The floor of one forward of ``queries`` rows per sequence over ``cached`` cached keys.
 
     Args:
@@ -138,8 +140,10 @@ def call_cost(shape: ModelShape, profile, precision: str, batch: int, queries: i
         batch: sequences per forward.
         queries: rows computed per sequence (the canvas, a block, one token).
         cached: cached keys each row may attend to besides the call's own.
+        head_rows: rows per sequence the LM head runs on (None: every row).
     """
-    flops = matrix_flops(shape, batch * queries) + attention_flops(
+    head = None if head_rows is None else batch * head_rows
+    flops = matrix_flops(shape, batch * queries, head) + attention_flops(
         shape, batch, queries, cached + queries)
     nbytes = bytes_read(shape, precision, batch * queries)
     nbytes += kv_cache_bytes(shape, precision, batch, cached)
@@ -147,9 +151,10 @@ def call_cost(shape: ModelShape, profile, precision: str, batch: int, queries: i
 
 
 def denoiser_step(shape: ModelShape, profile, precision: str, batch: int,
-                  seq_len: int) -> StepCost:
-    """The floor of one full-canvas denoiser forward over ``[batch, seq_len]``."""
-    return call_cost(shape, profile, precision, batch, seq_len)
+                  seq_len: int, head_rows: int | None = None) -> StepCost:
+    """The floor of one full-canvas denoiser forward over ``[batch, seq_len]`` (its LM
+    head over ``head_rows`` rows per sequence with the rows graph)."""
+    return call_cost(shape, profile, precision, batch, seq_len, head_rows=head_rows)
 
 
 def cached_step(shape: ModelShape, profile, precision: str, batch: int, block: int,
@@ -166,16 +171,19 @@ def autoregressive_token(shape: ModelShape, profile, precision: str, batch: int,
 
 
 def generation_floor(shape: ModelShape, profile, precision: str, mode: str, canvas: int,
-                     block: int, forwards: int, blocks: int, window: int | None = None) -> dict:
+                     block: int, forwards: int, blocks: int, window: int | None = None,
+                     head_rows: int | None = None) -> dict:
     """The floor of a whole generation in a cache mode, from the forwards it made.
 
-    ``none``: every forward a full canvas. ``prefix`` / ``dual``: a full forward per block,
+    ``none``: every forward a full canvas (its LM head over ``head_rows`` rows where the
+    rows graph ran). ``prefix`` / ``dual``: a full forward per block,
     the other forwards a window (``window`` rows, prefix) or a block over the cache.
     ``block``: one prefill of the canvas, then block steps and commits over the cache.
     """
     full = denoiser_step(shape, profile, precision, 1, canvas)
     if mode == "none":
-        refreshes, step = forwards, full
+        refreshes = forwards
+        full = step = denoiser_step(shape, profile, precision, 1, canvas, head_rows)
     else:
         rows = (window or canvas - block) if mode == "prefix" else block
         step = cached_step(shape, profile, precision, 1, rows, canvas)

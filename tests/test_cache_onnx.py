@@ -259,6 +259,7 @@ def test_the_rows_graph_commits_the_canvas_graphs_tokens(family, artifact, tiny_
         got = denoise(backend, [_prompt()], config, torch_gen.special, family=entry)
         assert got.sequences.tolist() == expected.sequences.tolist(), block
         assert backend.canvas_runs - before == canvas_forwards, block
+        assert got.head_rows == (None if canvas_forwards else ARTIFACT_BLOCK)  # for profile
     assert "rows" in backend.sessions
 
 

@@ -85,6 +85,8 @@ def test_forward_flops_by_hand():
     moe = model_shape(TINY_MOE)
     # per token: attention 256 + router 32 + 2 experts x 96 + head 80 = 560 -> 2*4*560
     assert roofline.forward_flops(moe, 1, 4) == 2 * 4 * 560 + 512
+    # the rows graph: the LM head (80 parameters) on 1 of the 4 tokens
+    assert roofline.matrix_flops(shape, 4, head_tokens=1) == 5760 - 2 * 3 * 80
 
 
 def test_expected_experts_hit():
@@ -140,6 +142,10 @@ def test_cached_step_and_generation_floor_by_hand():
     assert (block["full_forwards"], block["cached_forwards"]) == (1, 5)
     none = roofline.generation_floor(shape, device, "fp16", "none", 6, 2, 6, 2)
     assert none["floor_seconds"] == pytest.approx(6 * full.floor_seconds)
+    rows = roofline.generation_floor(shape, device, "fp16", "none", 6, 2, 6, 2, head_rows=2)
+    head = roofline.denoiser_step(shape, device, "fp16", 1, 6, head_rows=2)
+    assert head.flops == full.flops - 2 * 4 * 80  # 4 rows fewer through the LM head
+    assert rows["floor_seconds"] == pytest.approx(6 * head.floor_seconds)
 
 
 def test_activation_peak_by_hand():

@@ -29,7 +29,9 @@ def diffusion_roofline(shape, profile, precision: str, measured: dict,
     ``settings``) the floor of a whole generation in its cache mode: full forwards for
     refreshes, cached-step floors for the rest (``roofline.generation_floor``)."""
     canvas = measured.get("canvas_length")
-    cost, reason = _floor(roofline.denoiser_step, shape, profile, precision, 1, canvas)
+    # the rows graph's LM head runs on a block's rows only (measured "head_rows")
+    cost, reason = _floor(roofline.denoiser_step, shape, profile, precision, 1, canvas,
+                          measured.get("head_rows"))
     if cost is None:
         return {"note": reason}
     out = {"precision": precision, "canvas_length": canvas, **cost.as_dict()}
@@ -44,7 +46,8 @@ def diffusion_roofline(shape, profile, precision: str, measured: dict,
         gen = settings["gen_length"]
         block = settings.get("block_length") or gen
         floor = roofline.generation_floor(shape, profile, precision, mode, canvas, block,
-                                          int(forwards), gen // block, gen)
+                                          int(forwards), gen // block, gen,
+                                          measured.get("head_rows"))
         floor["predicted_tokens_per_second"] = gen / floor["floor_seconds"]
         out["generation"] = floor
         out["predicted_tokens_per_second"] = floor["predicted_tokens_per_second"]

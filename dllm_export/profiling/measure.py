@@ -86,6 +86,7 @@ def diffusion_run(
         "forwards": result.forwards,
         "cache": result.cache,
         "attention": result.attention,
+        "head_rows": result.head_rows,
         # draft-and-verify counts what each forward decided (block diffusion reports a
         # block to on_step only when it joins the cache)
         "committed": sum(getattr(result, "accepted", None) or []) or recorder.committed,
@@ -109,6 +110,7 @@ def summarize_diffusion(runs: list[dict]) -> dict:
         "runs": len(runs),
         "cache": runs[0]["cache"] if runs else None,
         "attention": runs[0]["attention"] if runs else None,
+        "head_rows": runs[0].get("head_rows") if runs else None,
         "step": summarize_ms(steps),
         "forward": summarize_ms(forwards),
         "first_block_ms": _spread([1e3 * s for s in firsts]),

@@ -185,6 +185,9 @@ class DenoiseResult:
     seconds: float = 0.0
     cache: str = "none"  # the cache mode that ran
     attention: str = "bidirectional"  # the attention rule it ran under
+    # rows the decode head computed per full-canvas forward of --cache none (the rows
+    # graph's); None: every canvas row
+    head_rows: int | None = None
 
 
 @dataclass
@@ -398,6 +401,10 @@ def denoise(backend, prompts: list[list[int]], config: SamplerConfig, special: S
     mode = cache_modes.open_mode(mode_name, backend, layout, forwards, canvas_step)
     result = DenoiseResult(sequences=canvas, prompt_length=prompt_length, cache=mode_name,
                            attention=rule)
+    block = config.block_length or config.gen_length
+    if (mode_name == "none" and rule == "bidirectional" and config.algorithm == "llada"
+            and config.cfg_scale <= 0 and backend.head_rows(prompt_length, block) is not None):
+        result.head_rows = len(backend.head_rows(prompt_length, block))
     started = time.perf_counter()
     if config.algorithm == "llada2":
         llada2_loop(mode, canvas, layout, config, special, rng, on_step, result)
