@@ -2,10 +2,10 @@
 
 The float artifact decodes the calibration prompts in every cache mode its family decodes
 with (``prefix``: prefill and window; ``dual``: prefill and step; ``block``: prefill, step
-and the commits; for a block-causal family also ``none``, which runs the cached graphs
-too, and for a bidirectional one with the rows graph), with the family's block sampler (LLaDA2's own, else LLaDA's), and autoregressively
-(decode), and the backend's ``on_feeds`` hook records
-every cached call's inputs, the cache it attended to included. Short prompts prefill in
+and the commits; ``none`` where it runs a cached graph: the prefill graph of a
+block-causal family, the rows graph of a bidirectional one), with the family's block
+sampler (LLaDA2's own, else LLaDA's), and autoregressively (decode), and the backend's
+``on_feeds`` hook records every cached call's inputs, the cache it attended to included. Short prompts prefill in
 chunks of the cached graphs; when none reached the full-canvas prefill graph, each prompt is
 decoded once more after the ones before it (a conversation long enough for it). Each graph keeps up to
 ``samples`` of its states, spread evenly over what was recorded, so a quantised step graph

@@ -401,10 +401,10 @@ def denoise(backend, prompts: list[list[int]], config: SamplerConfig, special: S
     mode = cache_modes.open_mode(mode_name, backend, layout, forwards, canvas_step)
     result = DenoiseResult(sequences=canvas, prompt_length=prompt_length, cache=mode_name,
                            attention=rule)
-    block = config.block_length or config.gen_length
-    if (mode_name == "none" and rule == "bidirectional" and config.algorithm == "llada"
-            and config.cfg_scale <= 0 and backend.head_rows(prompt_length, block) is not None):
-        result.head_rows = len(backend.head_rows(prompt_length, block))
+    if mode_name == "none" and rule == "bidirectional" and config.algorithm == "llada" \
+            and config.cfg_scale <= 0:  # what the rows graph computes per forward (profile)
+        rows = backend.head_rows(prompt_length, config.block_length or config.gen_length)
+        result.head_rows = None if rows is None else len(rows)
     started = time.perf_counter()
     if config.algorithm == "llada2":
         llada2_loop(mode, canvas, layout, config, special, rng, on_step, result)
