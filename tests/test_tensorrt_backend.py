@@ -152,6 +152,7 @@ def test_tensorrt_backend_keeps_the_cache_on_the_device(tmp_path, fakes, artifac
                       pad_id=manifest["special_tokens"]["eos_id"])
     prompt = [int(t) for t in np.random.default_rng(3).integers(0, 300, 32)]
     cache_bytes = sum(b.nbytes for b in backend.cache.values())
+    assert backend.head_rows(len(prompt), 8) is not None  # none runs the rows engine
     for mode in ("none", "dual", "block"):
         config = SamplerConfig(gen_length=16, steps=16, block_length=8, cache=mode,
                                early_exit=False)
