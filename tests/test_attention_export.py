@@ -70,16 +70,20 @@ def test_onnx_runtime_exports_run_multi_head_attention_in_every_graph(family, ar
     manifest = json.loads((directory / "manifest.json").read_text())
     assert_validated(manifest)
     assert manifest["attention"] == {"form": "mha", "requested": "auto",
-                                     "target": "onnxruntime"}
+                                     "target": "onnxruntime", "rope": "com.microsoft"}
     layers = LAYERS[family]
     canvas = op_counts(directory / "model.onnx", recursive=False)
     assert canvas["If"] == layers and canvas["Softmax"] == 0  # one If per layer
     assert op_counts(directory / "model.onnx")["MultiHeadAttention"] == 2 * layers
-    for graph in GRAPHS[1:]:
+    for graph in GRAPHS:
         counts = op_counts(directory / graph)
-        assert counts["MultiHeadAttention"] == layers and counts["Softmax"] == 0, graph
+        if graph != "model.onnx":
+            assert counts["MultiHeadAttention"] == layers and counts["Softmax"] == 0, graph
+        # RoPE fused: one op for queries and one for keys per layer, no rotate_half left
+        assert counts["RotaryEmbedding"] == 2 * layers and counts["Neg"] == 0, graph
     findings = manifest["trt_compatibility"]["findings"]
     assert {f["op"] for f in findings} <= {"com.microsoft::MultiHeadAttention",
+                                           "com.microsoft::RotaryEmbedding",
                                            "com.microsoft::MoE"}
 
 
@@ -112,12 +116,17 @@ def test_tensorrt_exports_are_clean_and_valid(family, opset, form, tiny_dir, tmp
         block_length=ARTIFACT_BLOCK, window=16))
     assert_validated(manifest)
     assert manifest["attention"]["form"] == form
+    assert manifest["attention"]["rope"] == ("onnx" if form == "onnx" else "decomposed")
     assert manifest["trt_compatibility"]["clean"], manifest["trt_compatibility"]["findings"]
     layers = LAYERS[family]
     for graph in GRAPHS:
+        model = onnx.load(str(tmp_path / "art" / graph), load_external_data=False)
+        assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}, graph
         counts = op_counts(tmp_path / "art" / graph)
         assert counts["MultiHeadAttention"] == 0 and counts["If"] == 0, graph
         assert counts["Attention" if form == "onnx" else "Softmax"] == layers, graph
+        # the standard RotaryEmbedding (TensorRT's IRotaryEmbeddingLayer) with Attention
+        assert counts["RotaryEmbedding"] == (2 * layers if form == "onnx" else 0), graph
 
 
 def test_check_trt_reads_if_bodies(tmp_path):
@@ -185,3 +194,46 @@ def test_unwrapped_graph_computes_the_same_predictions(artifact, tmp_path):
             np.testing.assert_allclose(unwrapped, fused, atol=1e-5)
     finally:
         (directory / "unwrapped.onnx").unlink()
+
+
+@pytest.mark.parametrize("opset,op", [(18, "com.microsoft::RotaryEmbedding"),
+                                      (23, "::RotaryEmbedding")])
+@pytest.mark.parametrize("dtype,full_precision", [("float32", False), ("float16", True),
+                                                   ("float16", False)])
+def test_rope_lowering_matches_apply_rope(opset, op, dtype, full_precision, tmp_path):
+    """``dllm_export::rope`` lowered (the contrib op before opset 23, the standard one from
+    it) equals ``apply_rope`` in PyTorch: a batch of two rows at different positions (the
+    cached graphs' position_ids), partial rotary (24 of 32 channels), float32 and float16
+    activations with and without LLaDA's full-precision rotation. Tolerance: float32 1e-5
+    (the graph's Cos / Sin of angles up to 11 radians differ from PyTorch's in the last
+    bits); float16 one half-precision rounding of values below 2 (2e-3)."""
+    import onnxruntime as ort
+    import torch
+
+    from dllm_export.export.onnx_attention import translation_table
+    from dllm_export.models.layers import apply_rope, rope_tables, trace_fused_attention
+
+    torch_dtype = getattr(torch, dtype)
+
+    class Rope(torch.nn.Module):
+        def forward(self, x, positions):
+            cos, sin = rope_tables(positions, 24, 10000.0)
+            return apply_rope(x, cos, sin, full_precision)
+
+    x = torch.randn(2, 3, 5, 32, generator=torch.Generator().manual_seed(0)).to(torch_dtype)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])
+    with trace_fused_attention(), torch.no_grad():
+        program = torch.onnx.export(Rope().eval(), (x, positions), None, dynamo=True,
+                                    opset_version=opset, input_names=["x", "positions"],
+                                    custom_translation_table=translation_table("mha", opset))
+    program.save(str(tmp_path / "rope.onnx"))
+    model = onnx.load(str(tmp_path / "rope.onnx"))
+    assert [f"{n.domain}::{n.op_type}" for n in model.graph.node
+            if n.op_type == "RotaryEmbedding"] == [op]
+    session = ort.InferenceSession(str(tmp_path / "rope.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"x": x.numpy(), "positions": positions.numpy()})
+    expected = Rope()(x, positions).float().numpy()
+    np.testing.assert_allclose(out.astype(np.float32), expected,
+                               atol=1e-5 if dtype == "float32" else 2e-3)
+    np.testing.assert_array_equal(out[..., 24:], x[..., 24:].numpy())  # the rest untouched

@@ -26,7 +26,11 @@ from pathlib import Path
 
 from dllm_export import contract, families
 from dllm_export.errors import DllmExportError, check_at_least
-from dllm_export.export.onnx_attention import ATTENTION_FORMS, resolve_attention
+from dllm_export.export.onnx_attention import (
+    ATTENTION_FORMS,
+    resolve_attention,
+    rope_form,
+)
 from dllm_export.integrity import record_files
 from dllm_export.jsonio import atomic_directory, check_output, write_json
 
@@ -374,9 +378,9 @@ def _manifest(checkpoint, options, special, tokenizer, model, canvas, defaults, 
 
 
 def attention_manifest(options: ExportOptions) -> dict:
-    """The manifest's ``attention`` block: the form every graph was lowered to."""
+    """The manifest's ``attention`` block: the form every graph was lowered to, and RoPE's."""
     return {"form": options.attention, "requested": options.requested_attention,
-            "target": options.target}
+            "target": options.target, "rope": rope_form(options.attention, options.opset)}
 
 
 def model_vocab(model) -> int:

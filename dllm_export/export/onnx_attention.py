@@ -1,4 +1,5 @@
-"""Lowering ``dllm_export::attention`` (models/layers.py) to a fused attention op.
+"""Lowering ``dllm_export::attention`` and ``dllm_export::rope`` (models/layers.py) to
+the target's fused ops.
 
 Forms (``ATTENTION_FORMS``; ``resolve_attention`` picks one per target):
 
@@ -14,15 +15,22 @@ Forms (``ATTENTION_FORMS``; ``resolve_attention`` picks one per target):
   queries and keys both pre-scaled by ``Dh ** -0.25``, the primitive pattern TensorRT's
   attention fusion matches at any opset.
 
-The custom op's eager body is the reference every lowering is validated against.
+With either fused form ``dllm_export::rope`` (``layers.apply_rope``'s rotation) becomes one
+RoPE op per query and key tensor (``rope_form``): the standard ``RotaryEmbedding`` from
+opset 23, else ``com.microsoft::RotaryEmbedding``.
+
+The custom ops' eager bodies are the reference every lowering is validated against.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from dllm_export.errors import DllmExportError
 
 ATTENTION_FORMS = ("auto", "mha", "onnx", "decomposed")
 ONNX_ATTENTION_OPSET = 23
+ONNX_ROPE_OPSET = 23
 
 
 def resolve_attention(form: str, target: str, opset: int) -> str:
@@ -43,27 +51,38 @@ def resolve_attention(form: str, target: str, opset: int) -> str:
     return form
 
 
-def _register_mha_schema() -> None:
+def _register_contrib_schemas() -> None:
     """onnxscript refuses ops without a schema; ONNX ships none for contrib ops."""
     import onnx
     import onnx.defs
 
+    Param = onnx.defs.OpSchema.FormalParameter
+    Attr = onnx.defs.OpSchema.Attribute
+    floats = ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")
+    if not onnx.defs.has("RotaryEmbedding", "com.microsoft"):
+        onnx.defs.register_schema(onnx.defs.OpSchema(
+            "RotaryEmbedding", "com.microsoft", 1,
+            inputs=[Param("input", "T"), Param("position_ids", "M"), Param("cos_cache", "T"),
+                    Param("sin_cache", "T")],
+            outputs=[Param("output", "T")],
+            type_constraints=[floats, ("M", ["tensor(int64)"], "")],
+            attributes=[Attr(name, onnx.AttributeProto.INT, "", required=False)
+                        for name in ("interleaved", "rotary_embedding_dim", "num_heads",
+                                     "is_packed_batching")],
+        ))
     if onnx.defs.has("MultiHeadAttention", "com.microsoft"):
         return
-    Param = onnx.defs.OpSchema.FormalParameter
     Option = onnx.defs.OpSchema.FormalParameterOption
     optional = ("bias", "key_padding_mask", "attention_bias", "past_key", "past_value")
     types = {"key_padding_mask": "M"}
     inputs = [Param("query", "T"), Param("key", "T"), Param("value", "T")]
     inputs += [Param(name, types.get(name, "T"), param_option=Option.Optional)
                for name in optional]
-    Attr = onnx.defs.OpSchema.Attribute
     schema = onnx.defs.OpSchema(
         "MultiHeadAttention", "com.microsoft", 1,
         inputs=inputs,
         outputs=[Param("output", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
-                          ("M", ["tensor(int32)"], "")],
+        type_constraints=[floats, ("M", ["tensor(int32)"], "")],
         attributes=[Attr("num_heads", onnx.AttributeProto.INT, "", required=True),
                     Attr("scale", onnx.AttributeProto.FLOAT, "", required=False),
                     Attr("mask_filter_value", onnx.AttributeProto.FLOAT, "", required=False),
@@ -90,7 +109,7 @@ def translation_table(form: str, opset: int) -> dict:
         raise ValueError(f"no lowering for attention form {form!r}")
     op = onnxscript.values.Opset("", opset)
     msft = onnxscript.values.Opset("com.microsoft", 1)
-    _register_mha_schema()
+    _register_contrib_schemas()
 
     def shape(*dims):
         return op.Constant(value=onnx.helper.make_tensor("shape", onnx.TensorProto.INT64,
@@ -137,5 +156,35 @@ def translation_table(form: str, opset: int) -> dict:
         return op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]),
                           shape(batch, queries, heads * value_dim))
 
+    def lower_rope(x, cos, sin, full_precision: bool):
+        """[B, H, L, R] rotated by the tables' first halves ([B, 1, L, R] each, halves
+        repeated): the standard RotaryEmbedding where the opset has it, else ONNX Runtime's
+        (which indexes its tables by position: the batch's rows are laid end to end)."""
+        batch, _, length, rotary_dim = _dims(x)
+        rows = batch * length if opset < ONNX_ROPE_OPSET else None
+        cos, sin = (op.Reshape(op.Slice(t, [0], [rotary_dim // 2], [3]),
+                               shape(rows, rotary_dim // 2) if rows else
+                               shape(batch, length, rotary_dim // 2)) for t in (cos, sin))
+        value = op.Cast(x, to=onnx.TensorProto.FLOAT) if full_precision else x
+        cos, sin = op.CastLike(cos, value), op.CastLike(sin, value)
+        if rows:
+            positions = op.Constant(value=onnx.numpy_helper.from_array(
+                np.arange(rows, dtype=np.int64).reshape(batch, length)))
+            out = msft.RotaryEmbedding(value, positions, cos, sin, interleaved=0)
+        else:
+            out = op.RotaryEmbedding(value, cos, sin, interleaved=0)
+        return op.CastLike(out, x) if full_precision else out
+
     lower = lower_mha if form == "mha" else lower_onnx
-    return {torch.ops.dllm_export.attention.default: lower}
+    return {torch.ops.dllm_export.attention.default: lower,
+            torch.ops.dllm_export.rope.default: lower_rope}
+
+
+def rope_form(form: str, opset: int) -> str:
+    """How an export lowers RoPE (every family's ``layers.apply_rope``): with the fused
+    attention forms, the standard ``RotaryEmbedding`` op from opset 23 (ONNX Runtime and
+    TensorRT's IRotaryEmbeddingLayer take it), before it ONNX Runtime's contrib op;
+    decomposed attention keeps the decomposed rotation (Mul / Neg / Concat / Add)."""
+    if form == "decomposed":
+        return "decomposed"
+    return "onnx" if opset >= ONNX_ROPE_OPSET else "com.microsoft"

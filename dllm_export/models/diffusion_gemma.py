@@ -51,7 +51,7 @@ from torch import nn
 
 from dllm_export.errors import DllmExportError
 from dllm_export.models import config_fields
-from dllm_export.models.layers import KVCache, attention, rotate_half
+from dllm_export.models.layers import KVCache, apply_rope, attention
 from dllm_export.models.moe import SparseMoeBlock
 
 ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
@@ -197,14 +197,6 @@ def rope_tables(positions, inv_freq: list[float]):
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x, cos, sin):
-    """transformers' ``apply_rotary_pos_emb`` over the first ``cos.shape[-1]`` channels."""
-    width = cos.shape[-1]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    rotated = x[..., :width] * cos + rotate_half(x[..., :width]) * sin
-    return rotated if width == x.shape[-1] else torch.cat((rotated, x[..., width:]), dim=-1)
-
-
 class RMSNorm(nn.Module):
     """Gemma 4's: x * (mean(x^2) + eps)^-0.5 times ``weight`` (none: ``with_scale=False``),
     computed in float32 and cast back."""
@@ -263,7 +255,7 @@ class Attention(nn.Module):
                                                               self.head_dim)
         k, v = self.k_norm(k), self.v_norm(v)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         # scaling 1 (q and k are RMS-normed): pre-scale q by sqrt(d) against SDPA's 1/sqrt(d)

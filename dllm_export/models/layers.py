@@ -50,6 +50,27 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rotate(x: torch.Tensor, cos, sin, full_precision: bool) -> torch.Tensor:
+    if full_precision:
+        return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+@torch.library.custom_op("dllm_export::rope", mutates_args=())
+def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               full_precision: bool) -> torch.Tensor:
+    """The rotation of ``apply_rope`` as one op, so that the exporter lowers it to the
+    target's RoPE op (export/onnx_attention.py). x: [B, H, L, R]; cos, sin: [B, 1, L, R]
+    (each half of R repeated, as ``rope_tables`` makes them)."""
+    return _rotate(x, cos, sin, full_precision)
+
+
+@fused_rope.register_fake
+def _(x, cos, sin, full_precision):
+    return torch.empty_like(x)
+
+
 def apply_rope(x: torch.Tensor, cos, sin, full_precision: bool) -> torch.Tensor:
     """Rotate the first ``cos.shape[-1]`` channels of each head (partial RoPE when smaller).
 
@@ -58,11 +79,7 @@ def apply_rope(x: torch.Tensor, cos, sin, full_precision: bool) -> torch.Tensor:
     """
     rotary_dim = cos.shape[-1]
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    if full_precision:
-        out = (rot.float() * cos + rotate_half(rot.float()) * sin).to(x.dtype)
-    else:
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        out = rot * cos + rotate_half(rot) * sin
+    out = (fused_rope if _TRACE_FUSED.get() else _rotate)(rot, cos, sin, full_precision)
     if rest.shape[-1] == 0:
         return out
     return torch.cat((out, rest), dim=-1)
@@ -150,7 +167,8 @@ _TRACE_FUSED = contextvars.ContextVar("trace_fused_attention", default=False)
 @contextlib.contextmanager
 def trace_fused_attention():
     """While tracing for export, ``attention`` calls ``dllm_export::attention`` instead of
-    the decomposable ``scaled_dot_product_attention`` (eager runs are not affected)."""
+    the decomposable ``scaled_dot_product_attention``, and ``apply_rope`` calls
+    ``dllm_export::rope`` (eager runs are not affected)."""
     token = _TRACE_FUSED.set(True)
     try:
         yield
