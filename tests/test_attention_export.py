@@ -81,10 +81,27 @@ def test_onnx_runtime_exports_run_multi_head_attention_in_every_graph(family, ar
             assert counts["MultiHeadAttention"] == layers and counts["Softmax"] == 0, graph
         # RoPE fused: one op for queries and one for keys per layer, no rotate_half left
         assert counts["RotaryEmbedding"] == 2 * layers and counts["Neg"] == 0, graph
+        assert counts["Reciprocal"] == 0, graph  # passes.divide_by_norm
     findings = manifest["trt_compatibility"]["findings"]
     assert {f["op"] for f in findings} <= {"com.microsoft::MultiHeadAttention",
                                            "com.microsoft::RotaryEmbedding",
                                            "com.microsoft::MoE"}
+
+
+def test_onnx_runtime_fuses_every_rms_norm(artifact, tmp_path):
+    """After passes.divide_by_norm ONNX Runtime's optimizer turns each RMSNorm (two per
+    layer and the final one) into one SimplifiedLayerNormalization."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                      "optimized.onnx.data")
+    ort.InferenceSession(str(artifact("llada") / "model.onnx"), options,
+                         providers=["CPUExecutionProvider"])
+    counts = op_counts(tmp_path / "optimized.onnx", recursive=False)
+    assert counts["SimplifiedLayerNormalization"] == 2 * LAYERS["llada"] + 1
+    assert counts["Pow"] == counts["Sqrt"] == 0
 
 
 def test_unpadded_branch_drops_the_mask(artifact):

@@ -37,10 +37,11 @@ def test_export_is_valid_and_only_fused_attention_needs_onnx_runtime(family, art
         "window/bidirectional", "prefill/block_causal", "step/block_causal",
         "commit/block_causal", "step-after-commit/block_causal", "prefill/causal",
         "decode/causal"]
-    # --target onnxruntime: attention runs as com.microsoft::MultiHeadAttention, the only
+    # --target onnxruntime: attention and RoPE run as ONNX Runtime's contrib ops, the only
     # nodes TensorRT cannot parse (--target tensorrt exports: tests/test_attention_export.py)
     trt = manifest["trt_compatibility"]
-    assert {f["op"] for f in trt["findings"]} == {"com.microsoft::MultiHeadAttention"}
+    assert {f["op"] for f in trt["findings"]} == {"com.microsoft::MultiHeadAttention",
+                                                  "com.microsoft::RotaryEmbedding"}
     assert trt["graphs"] == dict.fromkeys(
         ["canvas", "prefill", "step", "window", "decode", "rows"], False)
     assert manifest["shift_logits"] is (family == "dream")
@@ -86,11 +87,12 @@ def test_moe_strategies_export_and_agree(artifact):
     dense = json.loads((artifact("llada-moe", "dense") / "manifest.json").read_text())
     ort = json.loads((artifact("llada-moe", "ort") / "manifest.json").read_text())
     assert dense["valid"] and ort["valid"]
-    attention = "com.microsoft::MultiHeadAttention"  # --target onnxruntime's attention
-    assert {f["op"] for f in dense["trt_compatibility"]["findings"]} == {attention}
+    # --target onnxruntime's attention and RoPE
+    fused = {"com.microsoft::MultiHeadAttention", "com.microsoft::RotaryEmbedding"}
+    assert {f["op"] for f in dense["trt_compatibility"]["findings"]} == fused
     # com.microsoft::MoE needs a plugin as well
     assert {f["op"] for f in ort["trt_compatibility"]["findings"]} == {"com.microsoft::MoE",
-                                                                       attention}
+                                                                       *fused}
 
 
 def test_runtime_generates_without_torch(artifact, tmp_path):

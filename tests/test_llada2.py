@@ -195,9 +195,9 @@ def test_export_validates_and_runs_the_block_cache_on_onnx_runtime(artifact, tin
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["valid"] and manifest["family"] == "llada2"
     assert manifest["cache"]["default"] == "block"
-    # --target onnxruntime: only the fused attention is ONNX Runtime's own
+    # --target onnxruntime: only the fused attention and RoPE are ONNX Runtime's own
     assert {f["op"] for f in manifest["trt_compatibility"]["findings"]} == {
-        "com.microsoft::MultiHeadAttention"}
+        "com.microsoft::MultiHeadAttention", "com.microsoft::RotaryEmbedding"}
     onnx, torch_gen = Generator.from_artifact(directory), Generator.from_checkpoint(tiny_dir("llada2"))
     prompt = [int(t) for t in np.random.default_rng(4).integers(0, 300, 32)]
     config = SamplerConfig(algorithm="llada2", gen_length=16, block_length=8, steps=8,

@@ -7,7 +7,10 @@
    ``MultiHeadAttention`` with a ``key_padding_mask``, each such node becomes an ``If`` on
    "no key is padding" (``ReduceMin(attention_mask) > 0``, computed once): then the node
    runs without the mask (the kernel's unmasked fast path), else exactly as exported.
-3. ``strip_torch_metadata``: drop the exporter's per-node stack traces and FX dumps (they
+3. ``divide_by_norm``: ``x * Reciprocal(Sqrt(v))`` (how ``torch.rsqrt`` exports) becomes
+   ``x / Sqrt(v)``, the form of RMSNorm ONNX Runtime fuses into one
+   ``SimplifiedLayerNormalization`` (the same value to one rounding).
+4. ``strip_torch_metadata``: drop the exporter's per-node stack traces and FX dumps (they
    carry absolute source paths and outweigh a small graph).
 """
 
@@ -119,13 +122,36 @@ def unwrap_unpadded_mask(model) -> None:
     graph.initializer.extend(kept)
 
 
+def divide_by_norm(model) -> None:
+    import onnx_ir as ir
+
+    graph = model.graph
+    for reciprocal in [n for n in graph if n.op_type == "Reciprocal" and n.domain == ""]:
+        root = reciprocal.inputs[0].producer()
+        uses = [node for node, _ in reciprocal.outputs[0].uses()]
+        if (root is None or root.op_type != "Sqrt" or not uses
+                or any(n.op_type != "Mul" or n.inputs[0] is n.inputs[1] for n in uses)):
+            continue
+        for mul in uses:
+            other = mul.inputs[1] if mul.inputs[0] is reciprocal.outputs[0] else mul.inputs[0]
+            div = ir.Node("", "Div", [other, root.outputs[0]],
+                          name=mul.name.replace("/Mul", "/Div", 1) if mul.name else None)
+            div.outputs[0].shape, div.outputs[0].type = mul.outputs[0].shape, mul.outputs[0].type
+            graph.insert_before(mul, div)
+            ir.convenience.replace_all_uses_with(mul.outputs[0], div.outputs[0])
+            name = mul.outputs[0].name
+            graph.remove(mul)
+            div.outputs[0].name = name  # a graph output keeps its name
+        graph.remove(reciprocal)
+
+
 def strip_torch_metadata(model) -> None:
     for node in model.graph.all_nodes():
         for key in [k for k in node.metadata_props if k.startswith("pkg.torch") or k == "namespace"]:
             del node.metadata_props[key]
 
 
-PASSES = (name_by_module, skip_unpadded_mask, strip_torch_metadata)
+PASSES = (name_by_module, skip_unpadded_mask, divide_by_norm, strip_torch_metadata)
 
 
 def run_passes(model) -> None:
