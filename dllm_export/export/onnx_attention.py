@@ -160,19 +160,26 @@ def translation_table(form: str, opset: int) -> dict:
         """[B, H, L, R] rotated by the tables' first halves ([B, 1, L, R] each, halves
         repeated): the standard RotaryEmbedding where the opset has it, else ONNX Runtime's
         (which indexes its tables by position: the batch's rows are laid end to end)."""
-        batch, _, length, rotary_dim = _dims(x)
+        batch, heads, length, rotary_dim = _dims(x)
         rows = batch * length if opset < ONNX_ROPE_OPSET else None
         cos, sin = (op.Reshape(op.Slice(t, [0], [rotary_dim // 2], [3]),
                                shape(rows, rotary_dim // 2) if rows else
                                shape(batch, length, rotary_dim // 2)) for t in (cos, sin))
         value = op.Cast(x, to=onnx.TensorProto.FLOAT) if full_precision else x
         cos, sin = op.CastLike(cos, value), op.CastLike(sin, value)
+        # as [B, L, H*R]: the transposes around it then cancel against split_heads' and the
+        # attention lowering's (a BNSH RoPE node would keep both in the graph)
+        value = op.Reshape(op.Transpose(value, perm=[0, 2, 1, 3]),
+                           shape(batch, length, heads * rotary_dim))
         if rows:
             positions = op.Constant(value=onnx.numpy_helper.from_array(
                 np.arange(rows, dtype=np.int64).reshape(batch, length)))
-            out = msft.RotaryEmbedding(value, positions, cos, sin, interleaved=0)
+            out = msft.RotaryEmbedding(value, positions, cos, sin, interleaved=0,
+                                       num_heads=heads)
         else:
-            out = op.RotaryEmbedding(value, cos, sin, interleaved=0)
+            out = op.RotaryEmbedding(value, cos, sin, interleaved=0, num_heads=heads)
+        out = op.Transpose(op.Reshape(out, shape(batch, length, heads, rotary_dim)),
+                           perm=[0, 2, 1, 3])
         return op.CastLike(out, x) if full_precision else out
 
     lower = lower_mha if form == "mha" else lower_onnx
