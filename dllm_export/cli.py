@@ -246,7 +246,9 @@ class _StageProgress:
                    "Runtime's fused kernel), onnx (the standard Attention op, --opset 23: "
                    "TensorRT 10.14+ IAttention and ONNX Runtime), decomposed (MatMul / "
                    "Softmax / MatMul, which TensorRT fuses at any opset); auto: mha for "
-                   "--target onnxruntime, for tensorrt onnx at --opset 23+ else decomposed.")
+                   "--target onnxruntime, for tensorrt onnx at --opset 23+ else decomposed. "
+                   "mha and onnx fuse RoPE too (RotaryEmbedding: the standard op at --opset "
+                   "23+, else com.microsoft's).")
 @click.option("--moe-block", type=int, default=None,
               help="Rows per expert block (sparse; default: about the routed rows per expert "
                    "of each graph).")
