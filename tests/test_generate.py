@@ -499,6 +499,21 @@ def test_default_block_length_follows_a_shorter_gen_length():
     assert llada2.updated(gen_length=16).block_length == 32
 
 
+def test_default_steps_follow_a_shorter_gen_length():
+    """--gen-length 16 under 128 default steps: 16 steps (one token each), not 128 forwards
+    of which 112 would commit nothing; explicit --steps, a longer --gen-length and LLaDA2's
+    steps per block are kept."""
+    defaults = SamplerConfig(gen_length=128, steps=128, block_length=32)
+    assert defaults.updated(gen_length=16).steps == 16
+    assert defaults.updated(gen_length=64, block_length=16).steps == 64
+    assert defaults.updated(gen_length=256).steps == 128  # longer: unchanged
+    assert defaults.updated(gen_length=16, steps=32).steps == 32
+    dream = SamplerConfig(algorithm="dream", gen_length=128, steps=128)
+    assert dream.updated(gen_length=8).steps == 8
+    llada2 = SamplerConfig(algorithm="llada2", gen_length=256, steps=32, block_length=32)
+    assert llada2.updated(gen_length=16).steps == 32
+
+
 def test_generate_and_run_take_a_gen_length_below_the_default_block(tiny_dir, artifact):
     """The CLI (checkpoint and artifact) and the Python API with only --gen-length 16."""
     from click.testing import CliRunner

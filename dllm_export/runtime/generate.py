@@ -118,15 +118,20 @@ class SamplerConfig:
     def updated(self, **overrides) -> "SamplerConfig":
         """These defaults with ``overrides`` (None: keep the default). A default block
         longer than an overridden --gen-length follows it (one block), for LLaDA's loop;
-        LLaDA2's blocks are the model's own and an explicit --block-length is kept."""
+        LLaDA2's blocks are the model's own and an explicit --block-length is kept. A
+        default step count above an overridden --gen-length follows it too (LLaDA and
+        Dream: one token per step; more steps would run forwards that commit nothing)."""
         known = {f.name for f in fields(self)}
         changes = {k: v for k, v in overrides.items() if k in known and v is not None}
         gen_length = changes.get("gen_length")
         algorithm = changes.get("algorithm", self.algorithm)
-        if (algorithm == "llada" and "block_length" not in changes
-                and isinstance(gen_length, int) and self.block_length
-                and self.block_length > gen_length):
+        shorter = isinstance(gen_length, int)
+        if (algorithm == "llada" and "block_length" not in changes and shorter
+                and self.block_length and self.block_length > gen_length):
             changes["block_length"] = gen_length
+        if (algorithm in ("llada", "dream") and "steps" not in changes and shorter
+                and self.steps > gen_length):
+            changes["steps"] = gen_length
         return replace(self, **changes)
 
 
