@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -272,6 +273,66 @@ def test_qmoe_rows_round_trip(bits):
         codes = np.stack([codes & 0xF, codes >> 4], axis=-1).reshape(2, 3, 8)
     restored = (codes.astype(np.float32) - 2 ** (bits - 1)) * scales[..., None]
     assert np.abs(restored - weights).max() <= scales.max() / 2 + 1e-6
+
+
+def _moe_reference(x, logits, fc1, fc2, k, normalize):
+    """A SwiGLU MoE in numpy: softmax over every expert, the top k mixed (renormalised to
+    sum to 1 if ``normalize``); fc1 [E, 2I, D] gate/up interleaved, fc2 [E, D, I]."""
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        top = np.argsort(-probs[t])[:k]
+        weights = probs[t, top] / (probs[t, top].sum() if normalize else 1.0)
+        for weight, e in zip(weights, top, strict=True):
+            hidden = fc1[e] @ x[t]
+            gate, up = hidden[0::2], hidden[1::2]
+            out[t] += weight * (fc2[e] @ (gate / (1 + np.exp(-gate)) * up))
+    return out
+
+
+@pytest.mark.parametrize("normalize", [0, 1])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_qmoe_computes_the_moe_of_its_dequantised_weights(bits, normalize):
+    """The converted QMoE node, run by ONNX Runtime's CPU kernel, equals the mixture of
+    experts computed in numpy with the dequantised weights, with and without
+    renormalised routing (the kernel renormalises always; the conversion scales back)."""
+    from dllm_export.calibration.qmoe import moe_to_qmoe, quantize_rows
+
+    rng = np.random.default_rng(5)
+    experts, hidden, inner, tokens, k = 4, 64, 32, 8, 2
+    fc1 = rng.normal(scale=0.1, size=(experts, 2 * inner, hidden)).astype(np.float32)
+    fc2 = rng.normal(scale=0.1, size=(experts, hidden, inner)).astype(np.float32)
+    x = rng.normal(size=(tokens, hidden)).astype(np.float32)
+    logits = rng.normal(size=(tokens, experts)).astype(np.float32)
+    node = helper.make_node("MoE", ["x", "logits", "fc1", "", "fc2"], ["y"], name="l0/MoE",
+                            domain="com.microsoft", k=k, activation_type="swiglu",
+                            swiglu_fusion=1, normalize_routing_weights=normalize,
+                            activation_alpha=1.0, activation_beta=0.0)
+    graph = helper.make_graph(
+        [node], "moe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [tokens, hidden]),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, [tokens, experts])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [tokens, hidden])],
+        [numpy_helper.from_array(fc1, "fc1"), numpy_helper.from_array(fc2, "fc2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    assert moe_to_qmoe(model, bits, Path(".")) == 1
+    assert {n.op_type for n in model.graph.node} & {"MoE", "QMoE"} == {"QMoE"}
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]
+                               ).run(None, {"x": x, "logits": logits})[0]
+
+    def dequantised(weights):
+        codes, scales = quantize_rows(weights, bits)
+        if bits == 4:
+            codes = np.stack([codes & 0xF, codes >> 4], axis=-1).reshape(weights.shape)
+        return (codes.astype(np.float32) - 2 ** (bits - 1)) * scales[..., None]
+
+    expected = _moe_reference(x, logits, dequantised(fc1), dequantised(fc2), k, normalize)
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    # the other routing rule differs far beyond that tolerance: the check can fail
+    other = _moe_reference(x, logits, dequantised(fc1), dequantised(fc2), k, not normalize)
+    assert np.abs(other - got).max() > 1e-2
 
 
 def test_onnx_runtime_calibration_passes_are_counted_with_an_estimate():

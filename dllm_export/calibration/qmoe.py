@@ -6,6 +6,11 @@ matrix is quantised per output row, symmetric round-to-nearest, and stored the w
 onnxruntime 1.32 CPU kernel reads it: unsigned with an offset (128 for 8 bits, 8 for 4 bits,
 two 4-bit values per byte, low nibble first) and float scales ``[E, N]``. Routing stays
 float (the node takes the router logits). No calibration: weights only.
+
+That CPU kernel always renormalises the top-k routing weights to sum to 1, whatever
+``normalize_routing_weights`` says (measured: tests/test_calibration.py). For a router that
+does not (LLaDA-MoE: softmax over every expert, the top k kept as they are) the QMoE output
+is multiplied by the top-k probabilities' sum, which is exactly the unnormalised mix.
 """
 
 from __future__ import annotations
@@ -47,17 +52,43 @@ def _resolve(name, initializers, producers, weights_dir: Path):
     return np.transpose(source, perm), node
 
 
+def _topk_mass(node, k: int, graph) -> tuple[list, str]:
+    """Nodes computing the sum of the top-k softmax probabilities of ``node``'s router
+    logits, [T, 1], and its name."""
+    from onnx import helper, numpy_helper
+
+    base = node.name or node.output[0]
+    k_name, axes_name = f"{base}.topk_k", f"{base}.topk_axes"
+    graph.initializer.extend([numpy_helper.from_array(np.array([k], np.int64), k_name),
+                              numpy_helper.from_array(np.array([-1], np.int64), axes_name)])
+    names = [f"{base}.router_probs", f"{base}.topk_probs", f"{base}.topk_ids",
+             f"{base}.topk_mass"]
+    nodes = [
+        helper.make_node("Softmax", [node.input[1]], [names[0]], axis=-1,
+                         name=f"{base}/RouterSoftmax"),
+        helper.make_node("TopK", [names[0], k_name], names[1:3], axis=-1,
+                         name=f"{base}/RouterTopK"),
+        helper.make_node("ReduceSum", [names[1], axes_name], [names[3]], keepdims=1,
+                         name=f"{base}/RouterTopKMass"),
+    ]
+    return nodes, names[3]
+
+
 def moe_to_qmoe(model, bits: int, weights_dir: Path) -> int:
     """Replace every ``MoE`` node of ``model`` (weights loaded or in ``weights_dir``) by
     ``QMoE``, in place; returns how many. Float expert weights are dropped."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < 13:  # ReduceSum's axes as an input
+        raise ValueError(f"QMoE conversion needs opset 13 or later, not {opset}")
     initializers = {init.name: init for init in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
-    replaced, dead = 0, []
-    for index, node in enumerate(graph.node):
+    replaced, dead, nodes = 0, [], []
+    for node in graph.node:
         if node.op_type != "MoE" or node.domain != "com.microsoft":
+            nodes.append(node)
             continue
         inputs = [node.input[0], node.input[1]]
         for slot, tag in ((2, "fc1"), (4, "fc2")):
@@ -76,19 +107,33 @@ def moe_to_qmoe(model, bits: int, weights_dir: Path) -> int:
             if transpose is not None:
                 dead.append(transpose)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        qmoe = helper.make_node(
+        outputs = list(node.output)
+        rescale = not attrs.get("normalize_routing_weights", 0)
+        if rescale:  # the kernel renormalises anyway: scale back by the top-k mass
+            mass_nodes, mass = _topk_mass(node, attrs.get("k", 1), graph)
+            nodes.extend(mass_nodes)
+            outputs = [f"{outputs[0]}.renormalised"]
+            attrs["normalize_routing_weights"] = 1
+        nodes.append(helper.make_node(
             "QMoE",
             inputs,
-            list(node.output),
+            outputs,
             domain="com.microsoft",
             name=node.name.replace("/MoE", "/QMoE"),
             expert_weight_bits=bits,
             **attrs,
-        )
-        graph.node[index].CopyFrom(qmoe)
+        ))
+        if rescale:
+            nodes.append(helper.make_node("Mul", [outputs[0], mass], list(node.output),
+                                          name=f"{node.name}/RouterTopKScale"))
         replaced += 1
-    for node in dead:
-        graph.node.remove(node)
+    kept = []
+    for node in nodes:
+        if node not in dead:
+            kept.append(type(node)())
+            kept[-1].CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(kept)
     used = {name for node in graph.node for name in node.input}
     keep = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
