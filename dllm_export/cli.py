@@ -233,13 +233,14 @@ class _StageProgress:
               type=click.Choice(["auto", "dense", "sparse", "ort"]),
               help="MoE form in the graph: dense (all experts; TensorRT and every quantiser), "
                    "sparse (routed rows only, lossless expert blocks), ort "
-                   "(com.microsoft::MoE: fastest on ONNX Runtime, no TensorRT); auto: dense "
-                   "up to 16 experts, beyond ort for --target onnxruntime, sparse for "
-                   "tensorrt.")
+                   "(com.microsoft::MoE: fastest on ONNX Runtime, no TensorRT); auto: ort for "
+                   "--target onnxruntime where the op can compute the experts (SwiGLU, no "
+                   "expert bias), else and for tensorrt dense up to 16 experts and sparse "
+                   "beyond (dense in graphs of up to 32 rows).")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
               show_default=True, help="Where the graphs will run: picks the attention form "
-                                      "of --attention auto and the MoE form of --moe auto "
-                                      "for models with many experts.")
+                                      "of --attention auto and the MoE form of --moe "
+                                      "auto.")
 @click.option("--attention", default="auto", show_default=True,
               type=click.Choice(["auto", "mha", "onnx", "decomposed"]),
               help="Attention in the graph: mha (com.microsoft::MultiHeadAttention, ONNX "
@@ -323,7 +324,8 @@ def _print_export_summary(out_dir, manifest):
                           (moe.get("graphs") or {}).items())
         console.print(f"MoE: {moe.get('experts')} experts top-{moe.get('top_k')}, --moe "
                       f"{moe.get('requested')} for {moe.get('target')} -> {moe['strategy']}"
-                      + (f" ({forms})" if forms else ""))
+                      + (f" ({forms})" if forms else "")
+                      + (f"; not ort: {moe['ort_refusal']}" if moe.get("ort_refusal") else ""))
     trt = manifest.get("trt_compatibility") or {}
     console.print(f"TensorRT compatibility: {'clean' if trt.get('clean') else 'see check-trt'}"
                   f" ({len(trt.get('findings', []))} findings)")

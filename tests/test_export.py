@@ -3,6 +3,7 @@ for token equal to the PyTorch checkpoint at temperature 0."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -202,3 +203,41 @@ def test_the_export_summary_says_which_moe_form_it_picked(capsys):
     _print_export_summary("out/x", manifest)
     assert ("MoE: 8 experts top-1, --moe auto for onnxruntime -> dense (canvas dense, draft "
             "sparse)") in " ".join(capsys.readouterr().out.split())
+
+
+def test_moe_auto_takes_the_fused_op_on_onnx_runtime_unless_the_blocks_refuse_it(tmp_path,
+                                                                                  capsys):
+    """--moe auto for ONNX Runtime exports com.microsoft::MoE even with few experts; a
+    LLaDA-MoE checkpoint with a non-zero expert_bias (which the op cannot apply) falls back
+    to the dense form, and the manifest and the export summary say why."""
+    import onnx
+    from safetensors.numpy import load_file, save_file
+
+    from dllm_export.cli import _print_export_summary
+    from dllm_export.models.tiny import make_tiny
+
+    checkpoint = make_tiny("llada-moe", tmp_path / "ckpt", dtype="float32", seed=2,
+                           overrides={"moe_router_enable_expert_bias": True})
+    options = ExportOptions(seq_len=32, validate=False)
+    plain = export_model(checkpoint, tmp_path / "plain", options)
+    assert plain["moe"]["strategy"] == "ort" and "ort_refusal" not in plain["moe"]
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "plain" / "model.onnx"),
+                                        load_external_data=False).graph.node}
+    assert "MoE" in ops
+    for shard in checkpoint.glob("*.safetensors"):  # a bias the op cannot apply
+        tensors = load_file(shard)
+        for name in [n for n in tensors if n.endswith("expert_bias")]:
+            tensors[name] = np.linspace(-0.1, 0.1, tensors[name].size, dtype=np.float32)
+        save_file(tensors, shard, metadata={"format": "pt"})
+    biased = export_model(checkpoint, tmp_path / "biased", options)
+    assert biased["moe"]["strategy"] == "dense"
+    assert "non-zero expert_bias" in biased["moe"]["ort_refusal"]
+    capsys.readouterr()
+    _print_export_summary("out/x", biased)
+    assert "-> dense (canvas dense); not ort: this checkpoint has a non-zero expert_bias" in (
+        " ".join(capsys.readouterr().out.split()))
+    with pytest.raises(DllmExportError, match="--moe ort: this checkpoint has a non-zero"):
+        export_model(checkpoint, tmp_path / "asked", dataclasses.replace(options, moe="ort"))
+    trt = export_model(checkpoint, tmp_path / "trt", dataclasses.replace(options,
+                                                                       target="tensorrt"))
+    assert trt["moe"]["strategy"] == "dense" and "ort_refusal" not in trt["moe"]

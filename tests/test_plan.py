@@ -297,11 +297,15 @@ def test_resolve_precision_rules():
 def test_moe_auto_picks_the_form_per_target():
     from dllm_export.export.onnx import DENSE_EXPERTS, DENSE_ROWS, resolve_moe
 
-    # few experts: dense everywhere; many: the fused op on ONNX Runtime; for TensorRT the
-    # parser-clean sparse form, except in graphs of up to DENSE_ROWS rows, where dense is
-    # memory-bound; an explicit --moe is never second-guessed
+    # ONNX Runtime: the fused op at any expert count, unless the blocks refuse it; TensorRT
+    # (and a refused op): dense for few experts; for many the parser-clean sparse form,
+    # except in graphs of up to DENSE_ROWS rows, where dense is memory-bound; an explicit
+    # --moe is never second-guessed
     assert resolve_moe("auto", DENSE_EXPERTS, "tensorrt", 4096) == "dense"
+    assert resolve_moe("auto", 8, "onnxruntime", 4096) == "ort"
     assert resolve_moe("auto", 64, "onnxruntime", 1) == "ort"
+    assert resolve_moe("auto", 8, "onnxruntime", 4096, fused=False) == "dense"
+    assert resolve_moe("auto", 64, "onnxruntime", DENSE_ROWS + 1, fused=False) == "sparse"
     assert resolve_moe("auto", 256, "tensorrt", DENSE_ROWS + 1) == "sparse"
     assert resolve_moe("auto", 256, "tensorrt", DENSE_ROWS) == "dense"
     assert resolve_moe("auto", 256, "tensorrt") == "sparse"

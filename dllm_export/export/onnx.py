@@ -39,42 +39,55 @@ OUTPUT_KINDS = ("decode", "logits")
 EXPORT_STRATEGIES = ("auto", "dense", "sparse", "ort")
 # From benchmarks/bench_moe_strategies.py on ONNX Runtime CPU: dense is the fastest form
 # TensorRT can parse (sparse pays for gathering expert weights per block), and the one every
-# quantiser handles; `ort` (com.microsoft::MoE) is faster still but ONNX Runtime only.
+# Q/DQ quantiser handles; `ort` (com.microsoft::MoE) is faster still but ONNX Runtime only
+# (quantised by QMoE).
 DEFAULT_MOE = "auto"
 TARGETS = ("onnxruntime", "tensorrt")
-# "auto": dense up to DENSE_EXPERTS experts (the fastest TensorRT-clean form there, and the
-# one every quantiser reaches). Beyond, dense computes E/k times the routed FLOPs (32x at
-# 256 experts, top-8), so: ONNX Runtime's fused MoE op for ONNX Runtime targets (LLaDA2
-# with 64 experts, 32 tokens: 5.9 ms against dense 18.1, sparse 24.0; benchmarks/
-# bench_moe_strategies), and for TensorRT, per graph, the parser-clean sparse form (routed
-# rows only) where there are more than DENSE_ROWS rows. Up to DENSE_ROWS the dense form is
-# memory-bound on every shipped TensorRT device: it does 2 FLOPs per weight per row, so with
-# INT4 weights (what fits LLaDA2-mini on an Orin) 4 x 32 = 128 FLOP per byte, under the
-# lowest fp16 ridge point of those profiles (147, Orin NX). There a step reads every expert
-# once either way (32 rows x top-8 reach nearly all of 256), and dense spares the sparse
-# form's gathered copy of those weights (1.5 GiB per layer for LLaDA2-mini's step; plan).
+# "auto", for ONNX Runtime targets: its fused MoE op (com.microsoft::MoE), which computes
+# only the routed experts' rows, at any expert count (benchmarks/bench_moe_strategies and
+# docs/performance.md: 16 experts of 256 at L=256, 2.5-2.7x the dense form's speed; LLaDA2
+# with 64 experts, 32 tokens: 5.9 ms against dense 18.1, sparse 24.0), unless a block is one
+# the op cannot compute (SwiGLU only, no expert bias: SparseMoeBlock.ort_refusal); then, and
+# for TensorRT, which cannot run that op: dense up to DENSE_EXPERTS experts (the fastest
+# TensorRT-clean form there, and the one every Q/DQ quantiser reaches). Beyond, dense
+# computes E/k times the routed FLOPs (32x at 256 experts, top-8), so per graph the
+# parser-clean sparse form (routed rows only) where there are more than DENSE_ROWS rows. Up
+# to DENSE_ROWS the dense form is memory-bound on every shipped TensorRT device: it does 2
+# FLOPs per weight per row, so with INT4 weights (what fits LLaDA2-mini on an Orin) 4 x 32 =
+# 128 FLOP per byte, under the lowest fp16 ridge point of those profiles (147, Orin NX).
+# There a step reads every expert once either way (32 rows x top-8 reach nearly all of
+# 256), and dense spares the sparse form's gathered copy of those weights (1.5 GiB per
+# layer for LLaDA2-mini's step; plan).
 DENSE_EXPERTS = 16
 DENSE_ROWS = 32
 
 
 def resolve_moe(strategy: str, experts: int, target: str = "onnxruntime",
-                rows: int | None = None) -> str:
+                rows: int | None = None, fused: bool = True) -> str:
     """The MoE form an export makes for a graph of ``rows`` token rows (None: a canvas too
-    large to say); torch-free, so plan sizes the same one."""
+    large to say); ``fused``: whether com.microsoft::MoE can compute the model's blocks.
+    Torch-free, so plan sizes the same one."""
     if strategy != "auto":
         return strategy
+    if target == "onnxruntime" and fused:
+        return "ort"
     if experts <= DENSE_EXPERTS:
         return "dense"
-    if target == "onnxruntime":
-        return "ort"
     return "dense" if rows is not None and rows <= DENSE_ROWS else "sparse"
 
 
 def moe_form(options: "ExportOptions", experts: int, top_k: int, rows: int) -> dict:
     """One graph's MoE form and, for the sparse form, its rows per expert block."""
-    form = resolve_moe(options.requested_moe or options.moe, experts, options.target, rows)
+    form = resolve_moe(options.requested_moe or options.moe, experts, options.target, rows,
+                       options.moe_ort_refusal is None)
     block = (options.moe_block or sparse_block(rows, top_k, experts)) if form == "sparse" else None
     return {"form": form, "block": block}
+
+
+def _ort_refused(options: "ExportOptions") -> bool:
+    """--moe auto would have taken com.microsoft::MoE but the model's blocks refuse it."""
+    return bool(options.moe_ort_refusal and options.requested_moe == "auto"
+                and options.target == "onnxruntime")
 
 
 def sparse_block(tokens: int, top_k: int, experts: int) -> int:
@@ -100,6 +113,8 @@ class ExportOptions:
     validate: bool = True
     overwrite: bool = False
     requested_moe: str | None = None  # what --moe said, before auto was resolved
+    # why com.microsoft::MoE cannot compute the model's blocks (None: it can; set by export)
+    moe_ort_refusal: str | None = None
     # also the cached graphs (contract.CACHED_GRAPHS); None: only where the family needs
     # them (block-causal attention, which only the cached graphs compute)
     cache: bool | None = None
@@ -330,6 +345,8 @@ def _manifest(checkpoint, options, special, tokenizer, model, canvas, defaults, 
         moe = {"strategy": graphs["canvas"]["form"], "requested": options.requested_moe,
                "block": graphs["canvas"]["block"], "target": options.target,
                "experts": experts, "top_k": top_k, "graphs": graphs}
+        if _ort_refused(options):
+            moe["ort_refusal"] = options.moe_ort_refusal
     special_ids = [t for t in (special.eos_id, special.eot_id) if t is not None]
     cache = None
     if cached:
@@ -431,11 +448,14 @@ def export_model(model_dir, out_dir, options: ExportOptions, report=None) -> dic
     has_moe = bool(blocks)
     if has_moe:
         experts, top_k = len(blocks[0].experts), blocks[0].top_k
-        options = dataclasses.replace(options, requested_moe=options.moe)
+        refusal = next((r for r in (b.ort_refusal() for b in blocks) if r), None)
+        options = dataclasses.replace(options, requested_moe=options.moe,
+                                      moe_ort_refusal=refusal)
         canvas_moe = moe_form(options, experts, top_k, options.batch * options.seq_len)
         options = dataclasses.replace(options, moe=canvas_moe["form"])
+        why = f"; not ort: {refusal}" if _ort_refused(options) else ""
         report("moe", f"{options.moe} form for {experts} experts (--moe {options.requested_moe},"
-                      f" --target {options.target})")
+                      f" --target {options.target}{why})")
         set_moe_strategy(model, canvas_moe["form"], canvas_moe["block"])
     special_ids = tuple(t for t in (special.eos_id, special.eot_id) if t is not None)
     head = DecodeHead(options.topk, special_ids) if options.outputs == "decode" else None

@@ -248,19 +248,20 @@ class SparseMoeBlock(nn.Module):
                     linear.weight = nn.Parameter(view, requires_grad=False)
         self.fc1t, self.fc2t = fc1t, fc2t
 
+    def ort_refusal(self) -> str | None:
+        """Why ``com.microsoft::MoE`` cannot compute this block (None: it can)."""
+        if self.activation != "silu":
+            return f"com.microsoft::MoE runs SwiGLU experts; these use {self.activation}"
+        if (not self.custom_router and self.expert_bias is not None
+                and bool(self.expert_bias.any())):
+            return "this checkpoint has a non-zero expert_bias, which com.microsoft::MoE cannot apply"
+        return None
+
     def set_strategy(self, strategy: str, block: int = DEFAULT_BLOCK):
         if strategy not in STRATEGIES:
             raise DllmExportError(f"--moe {strategy!r}: choose one of {', '.join(STRATEGIES)}")
-        if strategy == "ort" and self.activation != "silu":
-            raise DllmExportError(
-                f"--moe ort: com.microsoft::MoE runs SwiGLU experts; these use "
-                f"{self.activation}; use --moe sparse or dense")
-        if (strategy == "ort" and not self.custom_router and self.expert_bias is not None
-                and bool(self.expert_bias.any())):
-            raise DllmExportError(
-                "--moe ort: this checkpoint has a non-zero expert_bias, which "
-                "com.microsoft::MoE cannot apply; use --moe sparse or dense"
-            )
+        if strategy == "ort" and (reason := self.ort_refusal()):
+            raise DllmExportError(f"--moe ort: {reason}; use --moe sparse or dense")
         if strategy in ("sparse", "ort") and self.fc1t is None:
             self.pack()
         self.strategy, self.block = strategy, block
